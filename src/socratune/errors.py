@@ -1,0 +1,46 @@
+"""Typed errors raised by library code.
+
+Library modules never print or exit; they raise one of these and the CLI turns it into a
+message and an exit code (2 for bad input a user can fix).
+"""
+
+from __future__ import annotations
+
+
+class SocratuneError(Exception):
+    """Base class: a failure with a message meant for the user."""
+
+    exit_code = 1
+
+
+class ConfigError(SocratuneError):
+    """A config file, preset or flag is invalid; names the key and the allowed values."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, key: str | None = None, allowed: list[str] | None = None):
+        super().__init__(message)
+        self.key = key
+        self.allowed = allowed or []
+
+
+class DataError(SocratuneError):
+    """The dialogue data cannot be used (unreadable file, or no usable dialogue left)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, rejections: list | None = None):
+        super().__init__(message)
+        self.rejections = rejections or []
+
+
+class RunDirError(SocratuneError):
+    """The run directory is in a state that refuses the requested command."""
+
+    exit_code = 2
+
+
+class ModelError(SocratuneError):
+    """A base model or adapter could not be loaded or does not fit the request."""
+
+    exit_code = 2
