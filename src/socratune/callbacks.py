@@ -1,0 +1,137 @@
+"""Trainer callbacks: style of generated replies, the training monitor, and checkpoint manifests.
+
+They extend the transformers ``Trainer`` through its callback API only. Evaluation metrics are
+logged by the Trainer *before* ``on_evaluate`` runs, so the style callback adds its
+``eval_style_*`` numbers both to the metrics dict (what ``evaluate()`` returns and what
+best-checkpoint tracking sees) and to the evaluation entry it just appended to
+``state.log_history`` (what ``trainer_state.json`` keeps). Callbacks that need style numbers
+are placed after it.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .generate import GenParams, generate_replies
+from .rundir import checkpoint_step, write_manifest
+from .style import StyleScorer, summarize
+
+STYLE_AXES = ("tone", "approach", "format", "logic", "overall")
+METRIC_COLUMNS = [
+    "step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
+    *(f"eval_style_{axis}" for axis in STYLE_AXES),
+    "tokens_per_s", "rss_mb", "gpu_allocated_mb", "gpu_reserved_mb",
+]
+
+
+def release_memory() -> None:
+    """Return cached accelerator memory and collect garbage (evaluation leaves large tensors)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def resource_usage() -> dict[str, float | None]:
+    """Current process RSS and GPU memory in MB (GPU values None without CUDA)."""
+    import psutil
+    import torch
+
+    usage: dict[str, float | None] = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if torch.cuda.is_available():
+        usage["gpu_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
+        usage["gpu_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
+    else:
+        usage["gpu_allocated_mb"] = usage["gpu_reserved_mb"] = None
+    return usage
+
+
+class StyleCallback(TrainerCallback):
+    """At every evaluation, answer a fixed sample of eval prompts (greedy, bounded length) and score
+    the generated replies; teacher-forced argmax tokens are not replies and are never scored."""
+
+    def __init__(self, conversations: list[list[dict[str, str]]], scorer: StyleScorer, max_new_tokens: int,
+                 batch_size: int = 8):
+        self.conversations = conversations
+        self.prompts = [c[-1]["content"] for c in conversations]
+        self.scorer = scorer
+        self.params = GenParams(max_new_tokens=max_new_tokens)
+        self.batch_size = batch_size
+        self.last_replies: list[str] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
+        if not self.conversations or metrics is None or not state.is_world_process_zero:
+            return
+        replies = generate_replies(model, processing_class, self.conversations, self.params, self.batch_size)
+        self.last_replies = replies
+        means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
+        style = {f"eval_style_{axis}": round(means[axis], 4) for axis in STYLE_AXES}
+        metrics.update(style)
+        if state.log_history and "eval_loss" in state.log_history[-1]:
+            state.log_history[-1].update(style)
+
+
+class ManifestCallback(TrainerCallback):
+    """Close every checkpoint the Trainer saves with a manifest of sizes and checksums."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir() and checkpoint_step(checkpoint) == state.global_step:
+                write_manifest(checkpoint)
+
+
+class TrainingMonitorCallback(TrainerCallback):
+    """Append one ``metrics.csv`` row per log and evaluation (the file outlives resumes), refresh
+    the plots after each evaluation, and track peak memory."""
+
+    def __init__(self, metrics_path: Path, plots_dir: Path):
+        self.metrics_path = metrics_path
+        self.plots_dir = plots_dir
+        self.peak_rss_mb = 0.0
+        self.peak_gpu_mb: float | None = None
+        self._last_time: float | None = None
+        self._last_tokens = 0
+
+    def _row(self, state, values: dict[str, Any]) -> None:
+        usage = resource_usage()
+        self.peak_rss_mb = max(self.peak_rss_mb, usage["rss_mb"] or 0.0)
+        if usage["gpu_reserved_mb"] is not None:
+            self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, usage["gpu_reserved_mb"])
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **usage, **values}
+        new_file = not self.metrics_path.exists()
+        with self.metrics_path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        elapsed = now - (self._last_time or now)
+        rate = (tokens - self._last_tokens) / elapsed if elapsed > 0 else None
+        self._last_time, self._last_tokens = now, tokens
+        self._row(state, {**logs, "tokens_per_s": round(rate, 1) if rate else None})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero or not metrics:
+            return
+        self._row(state, metrics)
+        from .plots import plot_metrics
+
+        plot_metrics(self.metrics_path, self.plots_dir)
+        release_memory()

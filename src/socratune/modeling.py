@@ -1,0 +1,220 @@
+"""Loading base models (local directory, hub id or the built-in ``tiny``), 4-bit quantization,
+LoRA adapters, and loading a finished run for inference.
+
+The hardware decides what it can: float32 on a CPU, bfloat16 on GPUs that have it, float16
+on older ones (T4). QLoRA goes through bitsandbytes' NF4, which also runs on the CPU, so the
+same code path is exercised by the tests. ``trust_remote_code`` is never turned on implicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .tiny import save_tiny
+
+TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the process runs on; recorded in the summary and used to pick dtypes."""
+
+    device: str  # "cuda" or "cpu"
+    name: str
+    bf16: bool
+    gpu_count: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "name": self.name, "bf16": self.bf16, "gpu_count": self.gpu_count}
+
+
+def detect_hardware() -> Hardware:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return Hardware("cuda", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported(), torch.cuda.device_count())
+    return Hardware("cpu", platform.processor() or platform.machine(), False, 0)
+
+
+def resolve_precision(precision: str, hardware: Hardware) -> str:
+    """Mixed precision actually used: ``fp32``, ``fp16`` or ``bf16``.
+
+    Mixed precision needs a GPU here; on a CPU every choice falls back to fp32 (the CPU's
+    fp16 autocast is slower than fp32 and bf16 is not reliable on every CPU).
+    """
+    if hardware.device != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if hardware.bf16 else "fp16"
+    if precision == "bf16" and not hardware.bf16:
+        return "fp16"
+    return precision
+
+
+def resolve_dtype(name: str, hardware: Hardware):
+    import torch
+
+    if name == "auto" or hardware.device != "cuda":
+        if hardware.device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if hardware.bf16 else torch.float16
+    return getattr(torch, name)
+
+
+def resolve_model_source(name_or_path: str, tiny_dir: Path) -> str:
+    """Where to load from: the tiny model's directory (built on first use), a local directory,
+    or a hub id. A path-looking name that does not exist is an error, not a hub lookup."""
+    if name_or_path == TINY:
+        if not (tiny_dir / "config.json").exists():
+            save_tiny(tiny_dir)
+        return str(tiny_dir)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is a directory but holds no config.json: not a transformers model")
+        return str(path.resolve())
+    if name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1:
+        raise ModelError(f"model directory {name_or_path} does not exist")
+    return name_or_path
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load a tokenizer from {source}: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer of {source} has no chat template; use a chat/instruction model")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked and never trained, so any id works; eos is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str, hardware: Hardware):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # float16 compute is a GPU choice; bitsandbytes' CPU kernels compute in float32 or bfloat16.
+    dtype = getattr(torch, compute_dtype) if hardware.device == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_base(
+    source: str,
+    *,
+    hardware: Hardware,
+    dtype: str = "auto",
+    load_in_4bit: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "float16",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load the frozen base model, in 4-bit when asked (QLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, hardware), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype, hardware)
+        kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else {"": "cpu"}
+        if hardware.device != "cuda":
+            kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {source}: {exc}") from exc
+    if hardware.device == "cuda" and not load_in_4bit:
+        model.to("cuda")
+    return model
+
+
+def add_lora(
+    model,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    bias: str,
+    quantized: bool,
+    gradient_checkpointing: bool,
+):
+    """Wrap the base in a trainable LoRA adapter; only adapter weights require grad."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in present]
+    if missing:
+        raise ModelError(f"lora.target_modules {missing} are not modules of this model; it has e.g. "
+                         f"{sorted(n for n in present if n.endswith('proj'))[:12]}")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias=bias, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter_for_inference(base, adapter_dir: Path):
+    """Attach a saved adapter to ``base`` with plain PEFT, in eval mode."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model
+
+
+def load_for_inference(run_path: str | Path, checkpoint: str | None = None, base_only: bool = False):
+    """``(model, tokenizer)`` of a run: its base with the final adapter, a checkpoint's adapter
+    (``checkpoint`` = name under ``checkpoints/`` or a path), or the untuned base (``base_only``).
+
+    The base is found from the run's recorded config, not from the adapter's absolute path, so
+    a run directory still works after it has been moved. A QLoRA run loads its base in 4-bit, as
+    it was trained (bitsandbytes runs on the CPU too).
+    """
+    import yaml
+
+    from .config import config_from_dict
+    from .rundir import CONFIG_YAML, RunDir
+
+    run = RunDir(run_path)
+    config_path = run / CONFIG_YAML
+    if not config_path.exists():
+        raise ModelError(f"{run.path} is not a run directory (no {CONFIG_YAML})")
+    config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
+    hardware = detect_hardware()
+    source = resolve_model_source(config.model.name_or_path, run.base_dir)
+    adapter_dir = run.adapter_dir
+    if checkpoint:
+        adapter_dir = Path(checkpoint) if Path(checkpoint).is_dir() else run.checkpoints_dir / checkpoint
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(source)
+    tokenizer = load_tokenizer(str(tokenizer_source), config.model.trust_remote_code)
+    base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
+                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
+                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
+                     trust_remote_code=config.model.trust_remote_code)
+    if base_only:
+        base.eval()
+        return base, tokenizer
+    return load_adapter_for_inference(base, adapter_dir), tokenizer

@@ -1,0 +1,255 @@
+"""The run directory: every file name of a run, atomic writes, the writer lock, and checkpoint
+validation. It is the unit a user sees and every command takes one.
+
+Layout::
+
+    RUN/
+      config.yaml            resolved config the run was started with
+      training_config.json   config + data fingerprint/counts + split seed + versions (written at the end)
+      split.json             train/eval ids with content hashes, reused when the run continues
+      rejected.jsonl         every rejected dialogue with file, index and reason
+      metrics.csv, plots/    training monitor output
+      train.log              log file
+      base/                  the built-in tiny base model (only for model "tiny")
+      checkpoints/checkpoint-N/   Trainer checkpoints, each closed by manifest.json
+      adapter/               final adapter + tokenizer (plain PEFT loads it)
+      training_summary.json  written last: its presence with ``finished: true`` means done
+
+Files are written to a temporary sibling and renamed into place, so a kill at any moment leaves
+either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import RunDirError
+
+CONFIG_YAML = "config.yaml"
+TRAINING_CONFIG = "training_config.json"
+SPLIT = "split.json"
+REJECTED = "rejected.jsonl"
+METRICS = "metrics.csv"
+SUMMARY = "training_summary.json"
+LOG = "train.log"
+PLOTS = "plots"
+BASE = "base"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+LOCK = ".lock"
+MANIFEST = "manifest.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Files a Trainer checkpoint must hold to resume exactly (rng_state*.pth is checked separately).
+CHECKPOINT_REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
+                       "scheduler.pt")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def replace_dir_atomic(staged: Path, final: Path) -> None:
+    """Move a fully written directory into place; an existing one is swapped out, then removed.
+
+    A crash between the two renames leaves ``.NAME.old`` beside the missing final directory:
+    the previous version is never lost.
+    """
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record size and checksum of every file of a finished checkpoint; written last, so a
+    checkpoint without a valid manifest is one whose writing did not complete."""
+    files = {
+        str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    write_json_atomic(checkpoint / MANIFEST, {"step": checkpoint_step(checkpoint), "files": files})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None when it is complete and consistent."""
+    step = checkpoint_step(checkpoint)
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))
+        recorded = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (checkpoint writing did not finish)"
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for name in CHECKPOINT_REQUIRED:
+        if name not in recorded:
+            return f"{name} is missing"
+    if not any(name.startswith("rng_state") for name in recorded):
+        return "rng_state file is missing"
+    for name, expected in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {expected['size']}"
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        global_step = int(state["global_step"])
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json does not parse"
+    if not (global_step == step == manifest.get("step")):
+        return f"step numbers disagree: directory {step}, trainer state {global_step}, manifest {manifest.get('step')}"
+    return None
+
+
+class RunDir:
+    """Paths and state of one run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path / BASE
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, oldest step first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+    def latest_valid_checkpoint(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest checkpoint that validates, and every newer one that does not, with why."""
+        invalid: list[tuple[Path, str]] = []
+        for checkpoint in reversed(self.checkpoints()):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint, invalid
+            invalid.append((checkpoint, problem))
+        return None, invalid
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def summary(self) -> dict[str, Any] | None:
+        return self.read_json(SUMMARY)
+
+    def is_finished(self) -> bool:
+        """Finished = final adapter saved and the summary records every planned step done."""
+        summary = self.summary()
+        return bool(
+            summary
+            and summary.get("finished")
+            and summary.get("global_step") == summary.get("total_steps")
+            and (self.adapter_dir / "adapter_config.json").exists()
+        )
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the single-writer lock; a lock left by a dead process is taken over."""
+        lock_path = self.path / LOCK
+        self.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = _lock_holder(lock_path)
+                if holder is not None:
+                    raise RunDirError(f"{self.path} is in use by process {holder}; wait for it or stop it") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
+            break
+        else:
+            raise RunDirError(f"could not take the lock {lock_path}")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)
+
+
+def _lock_holder(lock_path: Path) -> int | None:
+    """The pid holding ``lock_path`` if that process is alive on this host, else None."""
+    try:
+        record = json.loads(lock_path.read_text(encoding="utf-8"))
+        pid, host = int(record["pid"]), record.get("host")
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return pid  # another machine's process: we cannot tell it is dead, so respect it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid

@@ -1,0 +1,156 @@
+"""Chat templating, label masks and batch collation: the one home of "which tokens are trained".
+
+A dialogue is rendered with the tokenizer's own chat template and *no* trailing generation
+prompt (a training text that ends in ``<start_of_turn>model`` teaches the model to open a turn it
+never fills). Labels are the input ids on bot turns, including the template's end-of-turn
+marker so the model learns to stop, and ``IGNORE_INDEX`` everywhere else.
+
+Bot spans are found by rendering prefixes of the conversation: the text of the conversation up
+to a bot turn *with* the generation prompt ends where that turn's content starts, and the text
+up to and including the turn ends where it stops. That works for any template whose renderings
+are prefixes of each other, which is checked rather than assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .data import BOT, Dialogue, Rejection
+from .errors import ModelError
+
+IGNORE_INDEX = -100
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized dialogue: ids and labels of equal length, ready for the collator."""
+
+    dialogue_id: str
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def supports_system_role(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system message (Gemma's raises instead)."""
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # jinja2's TemplateError from raise_exception, or any template failure
+        return False
+    return "s" in rendered.replace("u", "")
+
+
+def chat_messages(messages: list[dict[str, str]], fold_system: bool) -> list[dict[str, str]]:
+    """Messages ready for the template; a leading system message is folded into the first user
+    turn when the template has no system role, so its text is kept, not dropped."""
+    if not (fold_system and messages and messages[0]["role"] == "system"):
+        return [dict(m) for m in messages]
+    system, first_user, *rest = messages
+    merged = {"role": "user", "content": f"{system['content']}\n\n{first_user['content']}"}
+    return [merged, *(dict(m) for m in rest)]
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def bot_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The full training text and the character spans of every bot turn in it (end-of-turn included)."""
+    text = render(tokenizer, messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != BOT:
+            continue
+        before = render(tokenizer, messages[:index], add_generation_prompt=True)
+        through = render(tokenizer, messages[: index + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise ModelError(
+                "the tokenizer's chat template does not render conversations as prefixes of each other, "
+                "so bot turns cannot be located for the label mask"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode(tokenizer: Any, dialogue_id: str, messages: list[dict[str, str]], loss_on: str = "bot") -> Example:
+    """Tokenize a templated dialogue; labels cover bot turns (``loss_on="bot"``) or all text."""
+    text, spans = bot_spans(tokenizer, messages)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = encoding["input_ids"]
+    if loss_on == "all":
+        return Example(dialogue_id, input_ids, list(input_ids))
+    labels = [
+        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+        for token, offset in zip(input_ids, encoding["offset_mapping"])
+    ]
+    return Example(dialogue_id, input_ids, labels)
+
+
+def encode_dialogues(
+    tokenizer: Any, dialogues: list[Dialogue], source: str, max_seq_len: int, loss_on: str = "bot"
+) -> tuple[list[Example], list[Rejection]]:
+    """Encode every dialogue; too long ones and ones with nothing to train are rejected, not cut."""
+    fold = not supports_system_role(tokenizer)
+    examples, rejections = [], []
+    for dialogue in dialogues:
+        example = encode(tokenizer, dialogue.id, chat_messages(dialogue.messages(), fold), loss_on)
+        index = int(dialogue.id)
+        if len(example.input_ids) > max_seq_len:
+            rejections.append(
+                Rejection(source, index, None, "too_long",
+                          f"{len(example.input_ids)} tokens after templating; data.max_seq_len is {max_seq_len}")
+            )
+        elif example.trained_tokens == 0:
+            rejections.append(Rejection(source, index, None, "no_trained_tokens", "no bot token left to train on"))
+        else:
+            examples.append(example)
+    return examples, rejections
+
+
+def show_example(tokenizer: Any, example: Example) -> str:
+    """The rendered text with trained spans marked ⟦like this⟧, for ``--show-example``."""
+    pieces, trained_run = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label == IGNORE_INDEX:
+            if trained_run:
+                pieces.append(TRAINED_OPEN + tokenizer.decode(trained_run) + TRAINED_CLOSE)
+                trained_run = []
+            pieces.append(tokenizer.decode([token]))
+        else:
+            trained_run.append(token)
+    if trained_run:
+        pieces.append(TRAINED_OPEN + tokenizer.decode(trained_run) + TRAINED_CLOSE)
+    return "".join(pieces)
+
+
+class PaddingCollator:
+    """Pads a batch to its longest example (not to a fixed length): ids with the pad token,
+    labels with IGNORE_INDEX, and an attention mask that hides the padding."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids, labels, mask = [], [], []
+        for feature in features:
+            pad = longest - len(feature["input_ids"])
+            ids.append(feature["input_ids"] + [self.pad_token_id] * pad)
+            labels.append(feature["labels"] + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(feature["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }

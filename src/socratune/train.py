@@ -1,0 +1,231 @@
+"""THE training recipe, read top to bottom: ``train(config)`` is the only place that wires the
+components together. Its steps are numbered below.
+
+Nothing is written before the data has been validated and tokenized, so bad input leaves the
+disk untouched. Progress goes to the ``socratune`` logger (the CLI shows it; ``train.log`` in
+the run directory keeps it); nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config, dump_yaml
+from .data import Dialogue, ValidationReport, load_dialogues, require_usable, write_rejections
+from .errors import RunDirError
+from .rundir import (CONFIG_YAML, LOG, METRICS, PLOTS, REJECTED, SPLIT, SUMMARY, TRAINING_CONFIG, RunDir,
+                     replace_dir_atomic, write_json_atomic, write_text_atomic)
+from .split import Split, apply_split, load_split, save_split, split_dialogues, verify_split
+from .template import Example, encode_dialogues, show_example
+
+logger = logging.getLogger("socratune")
+
+
+@dataclass
+class TrainResult:
+    """What a ``train`` call did; the CLI turns it into the closing lines."""
+
+    run_dir: Path
+    already_finished: bool
+    summary: dict[str, Any]
+    sample_prompt: str | None = None
+    sample_reply: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def bundled_data_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("socratune") / "assets" / "sample_dialogues_ja.json"))
+
+
+def reply_prompts(dialogues: list[Dialogue]) -> list[list[dict[str, str]]]:
+    """Each dialogue cut before its last bot turn: the conversation a reply is generated for."""
+    return [d.messages()[:-1] for d in dialogues]
+
+
+def prepare_examples(config: Config, tokenizer: Any) -> tuple[ValidationReport, list[Example]]:
+    """Load, validate and tokenize the data; raises DataError when nothing usable is left."""
+    data_path = Path(config.data.path) if config.data.path else bundled_data_path()
+    report = load_dialogues(data_path)
+    require_usable(report)
+    examples, rejections = encode_dialogues(
+        tokenizer, report.kept, str(data_path), config.data.max_seq_len, config.data.loss_on
+    )
+    report.add_rejections(rejections)
+    require_usable(report)
+    return report, examples
+
+
+def decide_split(run: RunDir, kept: list[Dialogue], config: Config) -> Split:
+    """Reuse the persisted split when the run continues; a split that no longer matches the data
+    is refused rather than silently re-drawn."""
+    split_path = run / SPLIT
+    if split_path.exists():
+        split = load_split(split_path)
+        differences = verify_split(split, kept)
+        if differences:
+            shown = "\n  ".join(differences[:10])
+            raise RunDirError(f"the data no longer matches the split saved in {split_path}:\n  {shown}\n"
+                              "use the original data, or --overwrite to start a new run")
+        return split
+    return split_dialogues(kept, config.data.split_seed, config.data.train_frac, config.data.eval_cap)
+
+
+def load_tokenizer_for(config: Config) -> Any:
+    """The training tokenizer; for ``tiny`` it is built in memory so nothing is written yet."""
+    from .modeling import TINY, load_tokenizer
+    from .tiny import build_tokenizer, bundled_texts
+
+    if config.model.name_or_path == TINY:
+        return build_tokenizer(bundled_texts())
+    from .modeling import resolve_model_source
+
+    return load_tokenizer(resolve_model_source(config.model.name_or_path, Path()), config.model.trust_remote_code)
+
+
+def train(config: Config, *, resume_from: str | None = None, show_example_first: bool = False) -> TrainResult:
+    """Run (or resume, or recognise as finished) the training described by ``config``."""
+    started = time.perf_counter()
+    run = RunDir(config.run.output_dir)
+
+    # 1. A finished run is not trained again.
+    if run.is_finished() and resume_from is None:
+        return TrainResult(run.path, True, run.summary() or {})
+
+    # 2. Data: load, validate, template and tokenize, all before anything is written.
+    tokenizer = load_tokenizer_for(config)
+    report, examples = prepare_examples(config, tokenizer)
+    logger.info(report.summary())
+    split = decide_split(run, report.kept, config)
+    train_dialogues, eval_dialogues = apply_split(split, report.kept)
+    by_id = {e.dialogue_id: e for e in examples}
+    train_examples = [by_id[d.id] for d in train_dialogues]
+    eval_examples = [by_id[d.id] for d in eval_dialogues]
+
+    with run.lock():
+        # 3. The run directory: config, rejected rows and the split are on disk before training.
+        log_handler = _attach_log_file(run / LOG)
+        try:
+            write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
+            write_rejections(report.rejections, run / REJECTED)
+            save_split(split, run / SPLIT)
+            logger.info("split: %d train, %d eval, %d held out (seed %d)",
+                        len(split.train), len(split.eval), len(split.held_out), split.seed)
+            if show_example_first:
+                logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, train_examples[0]))
+            return _fit(config, run, tokenizer, report, split, train_examples, eval_examples,
+                        reply_prompts(eval_dialogues), resume_from, started)
+        finally:
+            logging.getLogger("socratune").removeHandler(log_handler)
+            log_handler.close()
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("socratune").addHandler(handler)
+    return handler
+
+
+def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, split: Split,
+         train_examples: list[Example], eval_examples: list[Example],
+         eval_conversations: list[list[dict[str, str]]], resume_from: str | None, started: float) -> TrainResult:
+    from .callbacks import ManifestCallback, StyleCallback, TrainingMonitorCallback, resource_usage
+    from .modeling import add_lora, detect_hardware, load_base, resolve_model_source
+    from .style import StyleScorer, load_profile
+    from .trainer import build_trainer, summarize_run
+
+    # 4. Model: base (4-bit for QLoRA) plus a fresh LoRA adapter.
+    hardware = detect_hardware()
+    source = resolve_model_source(config.model.name_or_path, run.base_dir)
+    base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
+                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
+                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
+                     trust_remote_code=config.model.trust_remote_code)
+    model = add_lora(base, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                     target_modules=config.lora.target_modules, bias=config.lora.bias,
+                     quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("model %s on %s: %d trainable of %d parameters (%.2f%%); memory before training: %s",
+                source, hardware.name, trainable, total, 100 * trainable / total,
+                {k: round(v, 1) for k, v in resource_usage().items() if v is not None})
+
+    # 5. Trainer with the style and monitor callbacks; resume from the latest valid checkpoint.
+    scorer = StyleScorer(load_profile(config.style.profile))
+    style = StyleCallback(eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
+                          config.train.eval_batch_size)
+    monitor = TrainingMonitorCallback(run / METRICS, run / PLOTS)
+    resume = _resume_checkpoint(run, resume_from)
+    trainer = build_trainer(config, hardware, model, tokenizer, run.checkpoints_dir, train_examples, eval_examples,
+                            callbacks=[style, monitor, ManifestCallback()], fresh=resume is None)
+
+    # 6. Train.
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    # 7. Final adapter + tokenizer, staged then renamed into place; config and summary last.
+    staged = run.path / f".{run.adapter_dir.name}.staging"
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    replace_dir_atomic(staged, run.adapter_dir)
+    summary = summarize_run(trainer.state, run / METRICS, hardware, time.perf_counter() - started)
+    write_json_atomic(run / TRAINING_CONFIG, _training_config(config, source, trainer, report, split, hardware))
+
+    # 8. Reload the saved adapter from disk and answer one held-out prompt: a broken bundle fails here.
+    from .generate import GenParams, generate_replies
+    from .modeling import load_for_inference
+
+    reloaded, reloaded_tokenizer = load_for_inference(run.path)
+    prompt = eval_conversations[0] if eval_conversations else [{"role": "user", "content": "幸福とは何だろうか？"}]
+    reply = generate_replies(reloaded, reloaded_tokenizer, [prompt], GenParams(max_new_tokens=config.style.max_new_tokens))[0]
+    summary["sample_reply"] = {"prompt": prompt[-1]["content"], "reply": reply}
+    write_json_atomic(run / SUMMARY, summary)
+    return TrainResult(run.path, False, summary, prompt[-1]["content"], reply)
+
+
+def _resume_checkpoint(run: RunDir, resume_from: str | None) -> Path | None:
+    from .rundir import checkpoint_problem
+
+    if resume_from:
+        checkpoint = Path(resume_from)
+        if not checkpoint.is_dir():
+            checkpoint = run.checkpoints_dir / resume_from
+        problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "does not exist"
+        if problem:
+            raise RunDirError(f"cannot resume from {checkpoint}: {problem}")
+        return checkpoint
+    checkpoint, invalid = run.latest_valid_checkpoint()
+    for path, problem in invalid:
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+def _training_config(config: Config, source: str, trainer: Any, report: ValidationReport, split: Split,
+                     hardware: Any) -> dict[str, Any]:
+    """Everything needed to understand or repeat the run; holds no token or secret."""
+    from importlib.metadata import version
+
+    from .data import dataset_fingerprint
+
+    args = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
+    return {
+        "config": config.to_dict(),
+        "base_model": source,
+        "training_arguments": args,
+        "data": {
+            "path": report.source,
+            "fingerprint": dataset_fingerprint(report.source),
+            "counts": report.counts(),
+            "split": {"seed": split.seed, "train": len(split.train), "eval": len(split.eval),
+                      "held_out": len(split.held_out)},
+        },
+        "hardware": hardware.as_dict(),
+        "versions": {p: version(p) for p in ("socratune", "torch", "transformers", "peft", "accelerate",
+                                              "bitsandbytes")},
+    }

@@ -1,0 +1,146 @@
+"""The transformers ``Trainer`` as socratune uses it: arguments from the config, one thin
+subclass, an on-device metric, and the end-of-run summary.
+
+Plain ``Trainer`` rather than TRL's ``SFTTrainer``: ``template.py`` already owns tokenization and
+exact label masks, and SFTTrainer would re-prepare the dataset and adds nothing else we use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+
+from .callbacks import release_memory
+from .config import Config
+from .plots import read_metrics
+from .template import IGNORE_INDEX, Example, PaddingCollator
+
+SCHEDULER_KWARGS = {"cosine_with_restarts": {"num_cycles": 1}}
+
+
+class SocratuneTrainer(Trainer):
+    """Releases accelerator memory after every evaluation (the eval pass leaves its activations and
+    logits cached, which on a 16 GB GPU is the difference between fitting and not)."""
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            release_memory()
+
+
+def argmax_on_device(logits: Any, labels: Any) -> Any:
+    """Reduce ``(batch, seq, vocab)`` logits to predicted ids before the Trainer gathers them, so
+    evaluation never holds full-vocabulary logits for the whole eval set in memory."""
+    return logits.argmax(dim=-1)
+
+
+def bot_token_accuracy(prediction: Any) -> dict[str, float]:
+    """Share of trained (bot) tokens predicted exactly under teacher forcing; a sanity metric,
+    not a style metric."""
+    predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+    mask = labels != IGNORE_INDEX
+    total = int(mask.sum())
+    return {"bot_token_accuracy": float(((predicted == labels) & mask).sum() / total) if total else 0.0}
+
+
+def training_arguments(config: Config, hardware: Any, output_dir: Path, fresh: bool) -> TrainingArguments:
+    from .modeling import resolve_precision
+
+    t = config.train
+    precision = resolve_precision(t.precision, hardware)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=t.scheduler,
+        lr_scheduler_kwargs=SCHEDULER_KWARGS.get(t.scheduler, {}),
+        max_grad_norm=t.max_grad_norm,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        eval_on_start=fresh,  # "initial" eval loss and style, before the first optimizer step
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        train_sampling_strategy=t.sampling,
+        include_num_input_tokens_seen="non_padding",
+        torch_empty_cache_steps=t.empty_cache_steps,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=hardware.device != "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        report_to="none",
+    )
+
+
+def as_features(examples: list[Example]) -> list[dict[str, list[int]]]:
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, output_dir: Path,
+                  train_examples: list[Example], eval_examples: list[Example], callbacks: list[Any],
+                  fresh: bool) -> SocratuneTrainer:
+    return SocratuneTrainer(
+        model=model,
+        args=training_arguments(config, hardware, output_dir, fresh),
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        train_dataset=as_features(train_examples),
+        eval_dataset=as_features(eval_examples),
+        processing_class=tokenizer,
+        compute_metrics=bot_token_accuracy,
+        preprocess_logits_for_metrics=argmax_on_device,
+        callbacks=callbacks,
+    )
+
+
+def _best(entries: list[dict[str, Any]], key: str, lower_is_better: bool) -> tuple[float | None, int | None]:
+    scored = [(e[key], e["step"]) for e in entries if e.get(key) is not None]
+    if not scored:
+        return None, None
+    value, step = (min if lower_is_better else max)(scored, key=lambda pair: pair[0])
+    return value, step
+
+
+def summarize_run(state: Any, metrics_path: Path, hardware: Any, duration_s: float) -> dict[str, Any]:
+    """``training_summary.json``: initial (before step 1), final and best eval loss and style score,
+    peak memory, hardware. Built from the trainer state's history, which survives resumes."""
+    evals = [e for e in state.log_history if "eval_loss" in e]
+    rows = read_metrics(metrics_path)
+    rss = [float(r["rss_mb"]) for r in rows if r.get("rss_mb")]
+    gpu = [float(r["gpu_reserved_mb"]) for r in rows if r.get("gpu_reserved_mb")]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    loss_best, loss_best_step = _best(evals, "eval_loss", lower_is_better=True)
+    style_best, style_best_step = _best(evals, "eval_style_overall", lower_is_better=False)
+    return {
+        "finished": state.global_step >= state.max_steps,
+        "global_step": state.global_step,
+        "total_steps": state.max_steps,
+        "duration_s": round(duration_s, 2),
+        "eval_loss_initial": first.get("eval_loss") if first.get("step") == 0 else None,
+        "eval_loss_final": last.get("eval_loss"),
+        "eval_loss_best": loss_best,
+        "eval_loss_best_step": loss_best_step,
+        "style_score_initial": first.get("eval_style_overall") if first.get("step") == 0 else None,
+        "style_score_final": last.get("eval_style_overall"),
+        "style_score_best": style_best,
+        "style_score_best_step": style_best_step,
+        "style_initial": {k.removeprefix("eval_style_"): v for k, v in first.items() if k.startswith("eval_style_")},
+        "style_final": {k.removeprefix("eval_style_"): v for k, v in last.items() if k.startswith("eval_style_")},
+        "tokens_seen": state.num_input_tokens_seen,
+        "peak_rss_mb": round(max(rss), 1) if rss else None,
+        "peak_gpu_mb": round(max(gpu), 1) if gpu else None,
+        "hardware": hardware.as_dict(),
+    }
