@@ -1,0 +1,128 @@
+"""End to end on the embedded default: ``socratune train`` trains the tiny model on the bundled
+sample and leaves a complete run directory. The default run happens once per session (about
+two minutes on two cores) and the tests below inspect what it left.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from socratune.cli import main
+from socratune.rundir import checkpoint_problem
+
+RUN_FILES = ["config.yaml", "training_config.json", "split.json", "rejected.jsonl", "metrics.csv", "train.log",
+             "training_summary.json", "plots/loss.png", "plots/learning_rate.png", "plots/style.png",
+             "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+             "base/config.json"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("default") / "run"
+    assert main(["train", "--output", str(run)]) == 0
+    return run
+
+
+def test_default_run_leaves_every_file(default_run):
+    missing = [name for name in RUN_FILES if not (default_run / name).is_file()]
+    assert missing == []
+
+
+def test_default_run_learns_loss_and_style(default_run):
+    summary = json.loads((default_run / "training_summary.json").read_text())
+    for key in ("duration_s", "eval_loss_initial", "eval_loss_final", "eval_loss_best", "style_score_initial",
+                "style_score_final", "style_score_best", "style_score_best_step", "peak_rss_mb", "peak_gpu_mb",
+                "hardware"):
+        assert key in summary, key
+    assert summary["finished"] and summary["global_step"] == summary["total_steps"]
+    assert summary["eval_loss_final"] < summary["eval_loss_initial"]
+    assert summary["style_score_final"] > summary["style_score_initial"]
+    assert summary["peak_gpu_mb"] is None and summary["peak_rss_mb"] > 0
+    assert summary["sample_reply"]["reply"]
+
+
+def test_metrics_csv_has_training_and_eval_rows(default_run):
+    with (default_run / "metrics.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    train_rows = [r for r in rows if r["loss"]]
+    eval_rows = [r for r in rows if r["eval_loss"]]
+    assert len(train_rows) >= 3 and len(eval_rows) >= 2
+    assert eval_rows[0]["step"] == "0"  # initial evaluation before the first optimizer step
+    assert all(math.isfinite(float(r["loss"])) and float(r["learning_rate"]) >= 0 for r in train_rows)
+    assert all(float(r["tokens_per_s"]) > 0 for r in train_rows[1:])
+    assert all(0 <= float(r["eval_style_overall"]) <= 4 for r in eval_rows)
+    assert all(float(r["rss_mb"]) > 0 for r in rows)
+
+
+def test_checkpoints_are_intermediate_and_validated(default_run):
+    checkpoints = sorted((default_run / "checkpoints").iterdir())
+    assert len(checkpoints) >= 2
+    assert all(checkpoint_problem(c) is None for c in checkpoints)
+
+
+def test_adapter_loads_with_plain_peft_and_changes_the_model(default_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_run / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(default_run / "base")
+    ids = tokenizer("君は幸福をどう考えるのかね？", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, default_run / "adapter")
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_training_config_records_the_run_without_secrets(default_run):
+    record = json.loads((default_run / "training_config.json").read_text())
+    assert record["config"]["lora"]["r"] == 16
+    assert record["data"]["counts"]["kept"] >= 150
+    assert len(record["data"]["fingerprint"]) == 64
+    assert {"torch", "transformers", "peft"} <= set(record["versions"])
+    assert "hub_token" not in json.dumps(record)
+
+
+def test_finished_run_is_not_trained_again_and_files_stay_identical(default_run, capsys):
+    before = {p: p.read_bytes() for p in default_run.rglob("*") if p.is_file()}
+    assert main(["train", "--output", str(default_run)]) == 0
+    after = {p: p.read_bytes() for p in default_run.rglob("*") if p.is_file()}
+    assert before == after
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_generate_prints_a_reply(default_run, capsys):
+    assert main(["generate", str(default_run), "勇気とは何でしょうか？", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_no_usable_dialogue_exits_2_and_writes_nothing(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "こんにちは"}]}\nnot json\n', encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(run)]) == 2
+    assert not run.exists()
+    err = capsys.readouterr().err
+    assert "no usable dialogue" in err and "bad.jsonl" in err
+
+
+def test_qlora_run_trains_a_4bit_base(tmp_path):
+    import bitsandbytes as bnb
+
+    from socratune.config import load_config
+    from socratune.modeling import load_for_inference
+    from socratune.train import train
+
+    config = load_config(overrides={"quant.load_in_4bit": True, "train.epochs": 1, "train.eval_steps": 10,
+                                    "train.save_steps": 10, "style.eval_samples": 2,
+                                    "run.output_dir": str(tmp_path / "qlora")})
+    result = train(config)
+    assert result.summary["finished"]
+    model, _ = load_for_inference(result.run_dir)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
