@@ -93,6 +93,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .rundir import RunDir, run_status
+
+    status = run_status(RunDir(args.run_dir))
+    if args.json:
+        print(json.dumps(status, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{status['run_dir']}: {status['state']}, step {status['step']} of {status['total_steps'] or '?'}")
+    print(f"last valid checkpoint: {status['last_valid_checkpoint'] or 'none'}")
+    for bad in status["invalid_checkpoints"]:
+        print(f"invalid checkpoint {bad['path']}: {bad['reason']}")
+    for label, key in (("best eval loss", "best_eval_loss"), ("best style score", "best_style_score")):
+        if status[key]:
+            print(f"{label}: {status[key]['value']:.4f} at step {status[key]['step']}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .style import format_summary_table, load_profile, score_jsonl
+
+    records, bad_lines, summary = score_jsonl(Path(args.file), Path(args.output) if args.output else None,
+                                              load_profile(args.profile))
+    if not args.output:
+        import json
+
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False))
+    for message in bad_lines:
+        print(f"skipped {message}", file=sys.stderr)
+    print(format_summary_table(summary, len(records)), file=sys.stderr)
+    return EXIT_BAD_INPUT if bad_lines and not records else 0
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file for the run")
     parser.add_argument("--preset", help="preset to start from: tiny (default) or gemma2-2b-jpn-qlora")
@@ -134,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     _add_generation_flags(p)
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("status", help="state of a run: step, checkpoints, best scores")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("score", help="score replies for Socratic style (JSONL in, JSONL out)")
+    p.add_argument("file", help='JSONL lines {"id": ..., "text": ..., "prompt": ... (optional)}')
+    p.add_argument("--profile", default="socrates", help="style profile name or YAML path")
+    p.add_argument("--output", help="write scores here instead of stdout")
+    p.set_defaults(handler=cmd_score)
     return parser
 
 

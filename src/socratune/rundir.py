@@ -253,3 +253,43 @@ def _lock_holder(lock_path: Path) -> int | None:
     except PermissionError:
         return pid
     return pid
+
+
+def run_status(run: RunDir) -> dict[str, Any]:
+    """State of a run for ``socratune status``: running / interrupted / finished / new, the step
+    reached, checkpoints valid and not, and the best eval loss and style score with their steps."""
+    if not run.exists():
+        raise RunDirError(f"{run.path} does not exist")
+    latest, invalid = run.latest_valid_checkpoint()
+    state = None
+    if latest is not None:
+        state = json.loads((latest / "trainer_state.json").read_text(encoding="utf-8"))
+    summary = run.summary() if run.is_finished() else None
+    history = (state or {}).get("log_history", [])
+    evals = [e for e in history if "eval_loss" in e]
+    if summary:
+        label = "finished"
+    elif _lock_holder(run.path / LOCK) is not None:
+        label = "running"
+    elif latest is not None or (run.path / CONFIG_YAML).exists():
+        label = "interrupted"
+    else:
+        label = "new"
+
+    def best(key: str, lowest: bool) -> dict[str, Any] | None:
+        scored = [e for e in evals if e.get(key) is not None]
+        if not scored:
+            return None
+        pick = (min if lowest else max)(scored, key=lambda e: e[key])
+        return {"value": pick[key], "step": pick["step"]}
+
+    return {
+        "run_dir": str(run.path),
+        "state": label,
+        "step": (summary or {}).get("global_step", (state or {}).get("global_step", 0)),
+        "total_steps": (summary or {}).get("total_steps", (state or {}).get("max_steps")),
+        "last_valid_checkpoint": str(latest) if latest else None,
+        "invalid_checkpoints": [{"path": str(p), "reason": why} for p, why in invalid],
+        "best_eval_loss": best("eval_loss", lowest=True),
+        "best_style_score": best("eval_style_overall", lowest=False),
+    }
