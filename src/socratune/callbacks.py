@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .generate import GenParams, generate_replies
 from .rundir import checkpoint_step, write_manifest
 from .style import StyleScorer, summarize
 
+logger = logging.getLogger("socratune")
 STYLE_AXES = ("tone", "approach", "format", "logic", "overall")
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
@@ -126,11 +128,15 @@ class TrainingMonitorCallback(TrainerCallback):
         rate = (tokens - self._last_tokens) / elapsed if elapsed > 0 else None
         self._last_time, self._last_tokens = now, tokens
         self._row(state, {**logs, "tokens_per_s": round(rate, 1) if rate else None})
+        logger.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g  %s tokens/s", state.global_step, state.max_steps,
+                    state.epoch or 0.0, logs["loss"], logs.get("learning_rate", 0.0), f"{rate:.0f}" if rate else "-")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero or not metrics:
             return
         self._row(state, metrics)
+        logger.info("eval at step %d: loss %.4f  style %s", state.global_step, metrics.get("eval_loss", float("nan")),
+                    metrics.get("eval_style_overall", "-"))
         from .plots import plot_metrics
 
         plot_metrics(self.metrics_path, self.plots_dir)

@@ -195,6 +195,10 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    if args.command in ("train", "generate", "validate"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
     try:
         return args.handler(args)
     except SocratuneError as exc:

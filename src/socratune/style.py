@@ -23,9 +23,7 @@ Layer 0: no torch or transformers. Tests: ``pytest tests/test_style.py``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sudachipy import Dictionary, SplitMode
 
 from .errors import ConfigError, DataError
+from .rundir import write_text_atomic
 
 AXES = ("tone", "approach", "format", "logic")
 DEFAULT_PROFILE = "socrates"
@@ -624,18 +623,6 @@ def score_jsonl(in_path: Path, out_path: Path | None = None,
         records.append({"id": item.get("id", number), "scores": scores[-1].axes(),
                         "explanations": scores[-1].explanations})
     if out_path is not None:
-        _write_atomic(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records, bad, summarize(scores)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from .callbacks import release_memory
 from .config import Config
@@ -93,7 +93,7 @@ def as_features(examples: list[Example]) -> list[dict[str, list[int]]]:
 def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, output_dir: Path,
                   train_examples: list[Example], eval_examples: list[Example], callbacks: list[Any],
                   fresh: bool) -> SocratuneTrainer:
-    return SocratuneTrainer(
+    trainer = SocratuneTrainer(
         model=model,
         args=training_arguments(config, hardware, output_dir, fresh),
         data_collator=PaddingCollator(tokenizer.pad_token_id),
@@ -104,6 +104,8 @@ def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, out
         preprocess_logits_for_metrics=argmax_on_device,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # the monitor logs progress through the socratune logger
+    return trainer
 
 
 def _best(entries: list[dict[str, Any]], key: str, lower_is_better: bool) -> tuple[float | None, int | None]:
