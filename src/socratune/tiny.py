@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
-VOCAB_SIZE = 4096
+VOCAB_SIZE = 1024
 MODEL_SHAPE = {
     "hidden_size": 192,
     "intermediate_size": 512,
@@ -88,7 +88,7 @@ def build_tiny(seed: int = 0, texts: list[str] | None = None):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, end_of_turn],
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # embed_tokens and lm_head each get their own LoRA
         **MODEL_SHAPE,
     )
     generator_state = torch.random.get_rng_state()
