@@ -1,11 +1,21 @@
+
 """Templating and label masks: exactly the bot turns (with their end-of-turn marker) are trained."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from socratune.template import (IGNORE_INDEX, PaddingCollator, chat_messages, encode, render, show_example,
-                                supports_system_role)
+from socratune.template import (
+    IGNORE_INDEX,
+    PaddingCollator,
+    chat_messages,
+    encode,
+    render,
+    show_example,
+    supports_system_role,
+)
 
 DIALOGUE = [
     {"role": "user", "content": "友情とは何ですか？"},
@@ -61,6 +71,15 @@ def test_system_message_is_folded_into_first_user_turn_for_gemma_style_templates
     example = encode(tiny_tokenizer, "0", messages)
     assert "君はソクラテスだ。" in tiny_tokenizer.decode(example.input_ids)
     assert "君はソクラテスだ。" not in tiny_tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+def test_templates_that_render_or_silently_drop_a_system_message_are_told_apart(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert supports_system_role(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}"
+                               "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}")
+    assert not supports_system_role(tokenizer)
 
 
 def test_show_example_marks_trained_spans(tiny_tokenizer):

@@ -1,64 +1,77 @@
-"""Dialogue data: loading JSON or JSONL, role normalisation, and validation that never drops a
-row silently.
+"""Dialogue data: loading a JSON list or JSONL file, role normalisation, and validation that
+never drops a row silently.
 
 Every record becomes either a kept ``Dialogue`` or a ``Rejection`` naming the file, the record
-index, the line where known and the reason. Structural checks happen here (layer 0, no model
-needed); the tokenizing stage adds ``too_long`` and ``no_trained_tokens`` through the same
-report.
+index (0-based), the line where known (1-based) and the reason, so a user can find and fix the
+row. Messages inside a dialogue are counted from 1 in rejection messages, as an editor would.
+Structural checks happen here (layer 0, no model needed); the tokenizing stage adds
+``too_long`` and ``no_trained_tokens`` through the same report.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .rundir import write_text_atomic
 
 BOT = "assistant"
+# Gemma-style data says "model", OpenAI-style data says "assistant": both are the bot.
 ROLE_ALIASES = {"user": "user", "model": BOT, "assistant": BOT, "system": "system"}
 REASONS = ("invalid_json", "not_an_object", "missing_messages", "bad_role", "empty_content", "not_alternating",
            "not_ending_on_bot", "misplaced_system", "too_long", "no_trained_tokens")
+_ALLOWED_ROLES = "user, model, assistant, system (first only)"
+# Between the elements of a list that already parsed as JSON there is only whitespace and commas.
+_BETWEEN_ELEMENTS = re.compile(r"[ \t\n\r,]*")
 
 
 @dataclass(frozen=True)
 class Turn:
-    role: str  # "system", "user" or "assistant"
-    content: str
+    role: str  # "system", "user" or "assistant" (bot roles are normalised on load)
+    content: str  # as given: leading/trailing whitespace is kept, it is part of what is trained
 
 
 @dataclass(frozen=True)
 class Dialogue:
     id: str  # the record's 0-based index in its file: stable while the file is unchanged
     turns: tuple[Turn, ...]
+    # Every key of the record except "messages" (source_file, extract_range, topic, ...). Left out of
+    # equality and hashing: two dialogues are the same when their turns are.
     metadata: dict = field(default_factory=dict, hash=False, compare=False)
 
     def messages(self) -> list[dict[str, str]]:
+        """The turns in the shape ``tokenizer.apply_chat_template`` takes."""
         return [{"role": t.role, "content": t.content} for t in self.turns]
 
     @property
     def content_hash(self) -> str:
-        canonical = json.dumps(self.messages(), ensure_ascii=False, separators=(",", ":"))
+        """sha256 of the turns as canonical JSON: a persisted split records it to notice edited data."""
+        canonical = json.dumps(self.messages(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @property
     def first_user(self) -> str:
+        """The opening question: what the dialogue is about, used for grouping and sample prompts."""
         return next(t.content for t in self.turns if t.role == "user")
 
 
 @dataclass(frozen=True)
 class Rejection:
-    source: str
-    index: int  # 0-based record index
-    line: int | None  # 1-based line number where known
+    source: str  # the data file path as given
+    index: int  # 0-based record index in the file
+    line: int | None  # 1-based line where the record starts, where known
     reason: str  # one of REASONS
-    message: str
+    message: str  # what is wrong, in words
 
     def where(self) -> str:
+        """``data.jsonl:12 (dialogue 11)``: the location an editor can jump to."""
         name = Path(self.source).name
-        return f"{name}:{self.line} (dialogue {self.index})" if self.line else f"{name} dialogue {self.index}"
+        return f"{name}:{self.line} (dialogue {self.index})" if self.line else f"{name} (dialogue {self.index})"
 
 
 @dataclass
@@ -68,10 +81,13 @@ class ValidationReport:
     rejections: list[Rejection]
 
     def counts(self) -> dict[str, int]:
+        """``{"kept": n, "rejected": m}`` plus one count per reason present, in REASONS order."""
         by_reason = Counter(r.reason for r in self.rejections)
-        return {"kept": len(self.kept), "rejected": len(self.rejections), **dict(sorted(by_reason.items()))}
+        return {"kept": len(self.kept), "rejected": len(self.rejections),
+                **{reason: by_reason[reason] for reason in REASONS if by_reason[reason]}}
 
     def summary(self, shown: int = 10) -> str:
+        """Kept and rejected counts by reason, then the first ``shown`` rejections with their location."""
         counts = self.counts()
         reasons = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("kept", "rejected"))
         lines = [f"{self.source}: {counts['kept']} dialogues kept, {counts['rejected']} rejected"
@@ -82,52 +98,96 @@ class ValidationReport:
         return "\n".join(lines)
 
     def add_rejections(self, rejected: list[Rejection]) -> None:
-        """Move dialogues rejected by a later stage (e.g. too long once templated) out of ``kept``."""
+        """Move dialogues rejected by a later stage (too long once templated, nothing to train on) from
+        ``kept`` to ``rejections``, matched by record index, so one report accounts for every row."""
         gone = {r.index for r in rejected}
         self.kept = [d for d in self.kept if int(d.id) not in gone]
         self.rejections = sorted([*self.rejections, *rejected], key=lambda r: r.index)
 
 
-def _check(record: object) -> tuple[str, str] | list[Turn]:
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type: users read the file, not Python."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
+
+
+def _check(record: object) -> list[Turn] | tuple[str, str]:
     """The dialogue's turns, or ``(reason, message)`` for the first problem found."""
     if not isinstance(record, dict):
-        return "not_an_object", f"expected an object with 'messages', got {type(record).__name__}"
-    messages = record.get("messages")
+        return "not_an_object", f"expected an object with 'messages', got {_json_type(record)}"
+    if "messages" not in record:
+        keys = ", ".join(repr(k) for k in record) or "none"
+        return "missing_messages", f"no 'messages' key (keys present: {keys})"
+    messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-        return "missing_messages", "'messages' is missing or not a non-empty list"
+        found = "an empty list" if messages == [] else _json_type(messages)
+        return "missing_messages", f"'messages' must be a non-empty list, got {found}"
     turns = []
-    for position, message in enumerate(messages, start=1):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLE_ALIASES:
-            return "bad_role", (f"message {position} has role {role!r}; allowed: user, model, assistant, "
-                                "system (first only)")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            return "bad_role", f"message {number} is {_json_type(message)}, not an object with role and content"
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLE_ALIASES:
+            return "bad_role", f"message {number} has role {role!r}; allowed: {_ALLOWED_ROLES}"
         content = message.get("content")
         if not isinstance(content, str):
-            return "empty_content", f"message {position} content is {type(content).__name__}, not text"
+            found = "missing" if "content" not in message else _json_type(content)
+            return "empty_content", f"message {number} ({role}) content is {found}, not a string"
         if not content.strip():
-            return "empty_content", f"message {position} ({role}) has empty content"
+            return "empty_content", f"message {number} ({role}) has empty content"
         turns.append(Turn(ROLE_ALIASES[role], content))
-    if any(t.role == "system" for t in turns[1:]):
-        return "misplaced_system", "a system message may only come first"
-    body = turns[1:] if turns[0].role == "system" else turns
-    for position, turn in enumerate(body):
-        expected = "user" if position % 2 == 0 else BOT
+
+    expected = "user"
+    for number, (turn, message) in enumerate(zip(turns, messages), start=1):
+        if turn.role == "system":
+            if number > 1:
+                return "misplaced_system", f"message {number} is a system message; a system message may only come first"
+            continue
         if turn.role != expected:
-            return "not_alternating", f"turn {position + 1} is {turn.role}; turns must alternate user, bot, user, ..."
-    if not body or body[-1].role != BOT:
-        return "not_ending_on_bot", "the dialogue must end on a bot (model/assistant) turn"
+            return "not_alternating", (f"message {number} is {message['role']} where {expected} was expected; "
+                                       "after an optional system message, turns go user, model, user, model, ...")
+        expected = BOT if expected == "user" else "user"
+    if turns[-1].role != BOT:
+        return "not_ending_on_bot", (f"the last message ({len(turns)}) is {messages[-1]['role']}; "
+                                     "a dialogue must end on a model/assistant turn")
     return turns
 
 
-def _records(path: Path, text: str) -> list[tuple[int | None, object | Rejection]]:
-    """``(line, record)`` pairs; a JSONL line that does not parse becomes a Rejection."""
-    if text.lstrip().startswith("[") and path.suffix != ".jsonl":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-        return [(None, r) for r in records]
-    out: list[tuple[int | None, object | Rejection]] = []
+def _json_list_lines(text: str) -> list[int]:
+    """1-based line on which each top-level element of ``text`` starts; ``text`` must be a valid JSON list.
+
+    Re-decodes element by element (C speed), which keeps rejections in JSON list files as easy to
+    locate as in JSONL files.
+    """
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    line, counted_to, lines = 1, 0, []
+    while True:
+        position = _BETWEEN_ELEMENTS.match(text, position).end()
+        if text[position] == "]":
+            return lines
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        lines.append(line)
+        _, position = decoder.raw_decode(text, position)
+
+
+def _parse_json_list(path: Path, text: str) -> list[tuple[int | None, object]]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    return list(zip(_json_list_lines(text), records))
+
+
+def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
+    """``(line, record)`` per non-blank line; a line that does not parse becomes a Rejection record."""
+    out: list[tuple[int | None, object]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -135,21 +195,40 @@ def _records(path: Path, text: str) -> list[tuple[int | None, object | Rejection
             out.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             out.append((number, Rejection(str(path), len(out), number, "invalid_json",
-                                          f"not valid JSON at line {number}: {exc.msg}")))
+                                          f"not valid JSON at line {number}: {exc.msg} (column {exc.colno})")))
+    if out and all(isinstance(record, Rejection) for _, record in out):
+        # Not one line parsed: this is not JSONL with a few bad rows but a file of another kind.
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            first = out[0][1]
+            raise DataError(f"{path} is neither a JSON list nor JSON Lines: {first.message}") from None
+        raise DataError(f"{path} holds {_json_type(whole)}; expected a JSON list of dialogues ([{{...}}, ...]) "
+                        "or one dialogue object per line (JSONL)")
     return out
 
 
 def load_dialogues(path: str | Path) -> ValidationReport:
-    """Parse and validate a JSON list or JSONL file; bad rows become rejections, never exceptions."""
+    """Parse and validate a JSON list or JSONL file; bad rows become rejections, never exceptions.
+
+    The format is chosen by content (a file starting with ``[`` is a JSON list) unless the name
+    ends in ``.jsonl``, where a line may itself be a list (and is rejected as not an object).
+    Raises DataError only when the file as a whole cannot be used: missing, unreadable, not
+    UTF-8, a JSON list that does not parse, or not JSON at all.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
         raise DataError(f"data file {path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read data file {path}: {exc}") from exc
+    is_list = text.lstrip().startswith("[") and path.suffix != ".jsonl"
+    records = _parse_json_list(path, text) if is_list else _parse_jsonl(path, text)
+
     kept, rejections = [], []
-    for index, (line, record) in enumerate(_records(path, text)):
+    for index, (line, record) in enumerate(records):
         if isinstance(record, Rejection):
             rejections.append(record)
             continue
@@ -163,13 +242,14 @@ def load_dialogues(path: str | Path) -> ValidationReport:
 
 
 def require_usable(report: ValidationReport) -> None:
+    """Refuse to go on with nothing to train on, showing why every row was rejected."""
     if not report.kept:
         raise DataError(f"no usable dialogue left in {report.source}:\n{report.summary()}", report.rejections)
 
 
 def write_rejections(rejections: list[Rejection], path: Path) -> None:
-    from .rundir import write_text_atomic
-
+    """One JSON object per rejection (source, index, line, reason, message), written atomically so
+    an interrupted run never leaves half a file next to the weights."""
     lines = [json.dumps({"source": r.source, "index": r.index, "line": r.line, "reason": r.reason,
                          "message": r.message}, ensure_ascii=False) for r in rejections]
     write_text_atomic(path, "".join(line + "\n" for line in lines))

@@ -1,40 +1,44 @@
 """The train/eval split: seeded, deterministic, grouped by user prompt, persisted and verified.
 
-Dialogues that share any user turn are one group and go to the same side, so the eval set
-never asks a question the model was trained to answer. Groups are ordered by a hash of the
-seed and the group's text, not by shuffling positions, so the assignment does not depend on the
-file's order and appending dialogues moves as few as possible. The split is saved in the run
-directory (ids plus content hashes) and reused when the run continues.
+Dialogues that share any user turn (after collapsing whitespace) form one group and go to the
+same side, so the eval set never asks a question the model was trained to answer. Groups are
+ordered by ``sha256(f"{seed}:{group key}")``, not by shuffling positions, so the assignment does
+not depend on the file's order and appending dialogues moves as few as possible. The split is
+saved in the run directory (ids plus content hashes) and reused, after verification, when the
+run continues.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .data import Dialogue
 from .errors import DataError
+from .rundir import write_json_atomic
 
 
 @dataclass(frozen=True)
 class Split:
     seed: int
     train_frac: float
-    eval_cap: int
-    train: list[str]
+    eval_cap: int  # most dialogues evaluated during training: eval time grows with it
+    train: list[str]  # dialogue ids, in the deterministic group order
     eval: list[str]
     held_out: list[str]  # beyond the eval cap: unused in training, kept for later evaluation
     hashes: dict[str, str]  # id -> content hash of every dialogue above
 
 
 def _normalise(text: str) -> str:
+    """Collapse whitespace (full-width spaces and newlines included) so re-wrapped copies match."""
     return " ".join(text.split())
 
 
-def _groups(dialogues: list[Dialogue]) -> list[list[Dialogue]]:
-    """Union-find over shared user turns."""
+def _groups(dialogues: list[Dialogue]) -> dict[str, list[Dialogue]]:
+    """Union-find over shared user turns: group key (smallest normalised user text) -> members."""
     parent = list(range(len(dialogues)))
 
     def find(i: int) -> int:
@@ -46,37 +50,45 @@ def _groups(dialogues: list[Dialogue]) -> list[list[Dialogue]]:
     owner: dict[str, int] = {}
     for i, dialogue in enumerate(dialogues):
         for turn in dialogue.turns:
-            if turn.role != "user":
-                continue
-            key = _normalise(turn.content)
-            if key in owner:
-                parent[find(i)] = find(owner[key])
-            else:
-                owner[key] = i
+            if turn.role == "user":
+                text = _normalise(turn.content)
+                parent[find(i)] = find(owner.setdefault(text, i))
     members: dict[int, list[Dialogue]] = {}
     for i, dialogue in enumerate(dialogues):
         members.setdefault(find(i), []).append(dialogue)
-    return list(members.values())
+    return {min(_normalise(t.content) for d in group for t in d.turns if t.role == "user"): group
+            for group in members.values()}
 
 
 def split_dialogues(dialogues: list[Dialogue], seed: int, train_frac: float = 0.8, eval_cap: int = 100) -> Split:
-    if not 0 < train_frac <= 1:
+    """Assign whole prompt groups to train until it holds at least ``round(train_frac * n)``
+    dialogues, then to eval while it stays within ``eval_cap``; the rest is held out.
+
+    When ``train_frac < 1`` and there are at least two groups, the last group in order is never
+    trained on, so eval gets at least one dialogue unless ``eval_cap`` is 0 (or smaller than every
+    remaining group). Dialogues that all share one prompt form one group and all go to train.
+    """
+    if not 0 < train_frac <= 1:  # also refuses NaN
         raise ValueError(f"train_frac must be in (0, 1], got {train_frac}")
     if eval_cap < 0:
         raise ValueError(f"eval_cap must be >= 0, got {eval_cap}")
+    if not dialogues:
+        raise ValueError("no dialogues to split")
 
-    def order(group: list[Dialogue]) -> str:
-        key = min(_normalise(t.content) for d in group for t in d.turns if t.role == "user")
-        return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+    hashes = {d.id: d.content_hash for d in dialogues}
+    groups = _groups(dialogues)
+    order = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}:{key}".encode()).hexdigest())
+    # Within a group, order by content so the lists do not depend on the file's order either.
+    ordered = [sorted(groups[key], key=lambda d: hashes[d.id]) for key in order]
 
-    groups = sorted(_groups(dialogues), key=order)
-    wanted_train = max(1, round(train_frac * len(dialogues)))
-    if train_frac < 1 and len(dialogues) >= 2 and len(groups) >= 2:
-        wanted_train = min(wanted_train, len(dialogues) - len(groups[-1]))
+    total = len(dialogues)
+    wanted_train = max(1, round(train_frac * total))
+    if train_frac < 1 and len(ordered) >= 2:
+        wanted_train = min(wanted_train, total - len(ordered[-1]))
     train: list[str] = []
     eval_ids: list[str] = []
     held_out: list[str] = []
-    for group in groups:
+    for group in ordered:
         ids = [d.id for d in group]
         if len(train) < wanted_train:
             train += ids
@@ -84,33 +96,79 @@ def split_dialogues(dialogues: list[Dialogue], seed: int, train_frac: float = 0.
             eval_ids += ids
         else:
             held_out += ids
-    hashes = {d.id: d.content_hash for d in dialogues}
     return Split(seed, train_frac, eval_cap, train, eval_ids, held_out, hashes)
 
 
 def save_split(split: Split, path: Path) -> None:
-    from .rundir import write_json_atomic
-
+    """Write the split as JSON through a temporary file, so a crash never leaves half a split."""
     write_json_atomic(path, asdict(split))
 
 
+def _split_problem(raw: object) -> str | None:
+    """What makes ``raw`` (parsed split.json) unusable as a Split, or None when it is sound."""
+    if not isinstance(raw, dict):
+        return "expected a JSON object"
+    names = [f.name for f in fields(Split)]
+    missing = [n for n in names if n not in raw]
+    unknown = [k for k in raw if k not in names]
+    if missing or unknown:
+        return f"missing keys {missing}, unknown keys {unknown}; expected {names}"
+    if not (isinstance(raw["seed"], int) and isinstance(raw["eval_cap"], int)):
+        return "seed and eval_cap must be integers"
+    if not isinstance(raw["train_frac"], (int, float)) or math.isnan(raw["train_frac"]):
+        return "train_frac must be a number"
+    ids: list[str] = []
+    for side in ("train", "eval", "held_out"):
+        if not isinstance(raw[side], list) or not all(isinstance(i, str) for i in raw[side]):
+            return f"{side} must be a list of dialogue ids (strings)"
+        ids += raw[side]
+    if len(set(ids)) != len(ids):
+        return "a dialogue id appears more than once across train, eval and held_out"
+    hashes = raw["hashes"]
+    if not isinstance(hashes, dict) or not all(isinstance(h, str) for h in hashes.values()):
+        return "hashes must map dialogue ids to content hashes"
+    if set(hashes) != set(ids):
+        return "hashes must cover exactly the ids in train, eval and held_out"
+    return None
+
+
 def load_split(path: Path) -> Split:
+    """Read a split saved by ``save_split``; DataError naming the file when it is unreadable or unsound."""
     try:
-        return Split(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
-        raise DataError(f"{path}: not a readable split file: {exc}") from exc
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"split file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the split: {exc}") from exc
+    problem = _split_problem(raw)
+    if problem:
+        raise DataError(f"{path}: not a valid split file: {problem}")
+    return Split(**raw)
+
+
+def _id_order(dialogue_id: str) -> tuple[int, str]:
+    """Numeric order for the numeric ids load_dialogues gives, without failing on other ids."""
+    return len(dialogue_id), dialogue_id
 
 
 def verify_split(split: Split, dialogues: list[Dialogue]) -> list[str]:
-    """Differences between a saved split and the data now; empty when they match."""
+    """Differences between a saved split and the data now, in id order; empty when they match.
+
+    Ids are record positions, so an edited, removed, inserted or reordered record shows up here
+    and the run refuses to continue on a split that no longer describes its data.
+    """
     current = {d.id: d.content_hash for d in dialogues}
-    differences = [f"dialogue {i} is in the split but not in the data" for i in split.hashes if i not in current]
-    differences += [f"dialogue {i} changed since the split was made" for i, h in split.hashes.items()
-                    if i in current and current[i] != h]
-    differences += [f"dialogue {i} is new since the split was made" for i in current if i not in split.hashes]
+    saved = split.hashes
+    differences = [f"dialogue {i} is in the split but not in the data"
+                   for i in sorted(saved.keys() - current.keys(), key=_id_order)]
+    differences += [f"dialogue {i} changed since the split was made"
+                    for i in sorted(saved.keys() & current.keys(), key=_id_order) if saved[i] != current[i]]
+    differences += [f"dialogue {i} is new since the split was made"
+                    for i in sorted(current.keys() - saved.keys(), key=_id_order)]
     return differences
 
 
 def apply_split(split: Split, dialogues: list[Dialogue]) -> tuple[list[Dialogue], list[Dialogue]]:
+    """``(train, eval)`` dialogues in split order; the split must match the data (``verify_split``)."""
     by_id = {d.id: d for d in dialogues}
     return [by_id[i] for i in split.train], [by_id[i] for i in split.eval]

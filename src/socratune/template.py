@@ -37,13 +37,16 @@ class Example:
 
 
 def supports_system_role(tokenizer: Any) -> bool:
-    """Whether the chat template renders a system message (Gemma's raises instead)."""
-    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    """Whether the chat template renders a system message (Gemma's raises; some drop it silently)."""
+    from jinja2 import TemplateError
+
+    marker = "SYSTEM-ROLE-PROBE"
+    probe = [{"role": "system", "content": marker}, {"role": "user", "content": "u"}]
     try:
         rendered = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # jinja2's TemplateError from raise_exception, or any template failure
+    except TemplateError:  # what a template's raise_exception(...) raises
         return False
-    return "s" in rendered.replace("u", "")
+    return marker in rendered
 
 
 def chat_messages(messages: list[dict[str, str]], fold_system: bool) -> list[dict[str, str]]:

@@ -15,11 +15,36 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, dump_yaml
-from .data import Dialogue, ValidationReport, load_dialogues, require_usable, write_rejections
+from .data import (
+    Dialogue,
+    ValidationReport,
+    load_dialogues,
+    require_usable,
+    write_rejections,
+)
 from .errors import RunDirError
-from .rundir import (CONFIG_YAML, LOG, METRICS, PLOTS, REJECTED, SPLIT, SUMMARY, TRAINING_CONFIG, RunDir,
-                     replace_dir_atomic, write_json_atomic, write_text_atomic)
-from .split import Split, apply_split, load_split, save_split, split_dialogues, verify_split
+from .rundir import (
+    CONFIG_YAML,
+    LOG,
+    METRICS,
+    PLOTS,
+    REJECTED,
+    SPLIT,
+    SUMMARY,
+    TRAINING_CONFIG,
+    RunDir,
+    replace_dir_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from .split import (
+    Split,
+    apply_split,
+    load_split,
+    save_split,
+    split_dialogues,
+    verify_split,
+)
 from .template import Example, encode_dialogues, show_example
 
 logger = logging.getLogger("socratune")
@@ -135,7 +160,12 @@ def _attach_log_file(path: Path) -> logging.Handler:
 def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, split: Split,
          train_examples: list[Example], eval_examples: list[Example],
          eval_conversations: list[list[dict[str, str]]], resume_from: str | None, started: float) -> TrainResult:
-    from .callbacks import ManifestCallback, StyleCallback, TrainingMonitorCallback, resource_usage
+    from .callbacks import (
+        ManifestCallback,
+        StyleCallback,
+        TrainingMonitorCallback,
+        resource_usage,
+    )
     from .modeling import add_lora, detect_hardware, load_base, resolve_model_source
     from .style import StyleScorer, load_profile
     from .trainer import build_trainer, summarize_run
