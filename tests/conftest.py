@@ -1,4 +1,4 @@
-"""Shared fixtures: everything offline, the tiny tokenizer built once per session.
+"""Shared fixtures: everything offline; the tiny tokenizer and the default run built once per session.
 
 Run the suite with ``python -m pytest -q`` from the repository root.
 """
@@ -6,6 +6,8 @@ Run the suite with ``python -m pytest -q`` from the repository root.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +21,26 @@ def tiny_tokenizer():
     from socratune.tiny import build_tokenizer, bundled_texts
 
     return build_tokenizer(bundled_texts())
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The run directory ``socratune train`` leaves on the embedded default (about 80 s on two cores).
+
+    Shared by every test module that needs a trained run: treat it as read-only, and take
+    ``default_run_copy`` to change anything.
+    """
+    from socratune.cli import main
+
+    prepared = os.environ.get("SOCRATUNE_TEST_DEFAULT_RUN")  # developers: reuse one run across pytest calls
+    if prepared:
+        return Path(prepared)
+    run = tmp_path_factory.mktemp("default") / "run"
+    assert main(["train", "--output", str(run)]) == 0
+    return run
+
+
+@pytest.fixture
+def default_run_copy(default_run, tmp_path) -> Path:
+    """A private copy of the default run that a test may modify."""
+    return Path(shutil.copytree(default_run, tmp_path / "run", symlinks=True))

@@ -1,6 +1,6 @@
 """End to end on the embedded default: ``socratune train`` trains the tiny model on the bundled
-sample and leaves a complete run directory. The default run happens once per session (about
-two minutes on two cores) and the tests below inspect what it left.
+sample and leaves a complete run directory. The default run happens once per session (the
+``default_run`` fixture in conftest) and the tests below inspect what it left.
 """
 
 from __future__ import annotations
@@ -8,9 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
-
-import pytest
 
 from socratune.cli import main
 from socratune.rundir import checkpoint_problem
@@ -19,13 +16,6 @@ RUN_FILES = ["config.yaml", "training_config.json", "split.json", "rejected.json
              "training_summary.json", "plots/loss.png", "plots/learning_rate.png", "plots/style.png",
              "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
              "base/config.json"]
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("default") / "run"
-    assert main(["train", "--output", str(run)]) == 0
-    return run
 
 
 def test_default_run_leaves_every_file(default_run):
