@@ -1,16 +1,34 @@
-"""Reply generation shared by the style callback, ``socratune generate`` and later chat/serve.
+"""Reply generation shared by the style callback, ``socratune generate``, chat and serve.
 
 Prompts are rendered with the chat template *with* the generation prompt (the opposite of
 training text), batched with left padding so every row's reply starts at the same column, and
 decoded without special tokens.
+
+    socratune generate runs/tiny "幸福とは何でしょうか？"
+    socratune generate runs/tiny --input prompts.jsonl --output replies.jsonl --batch-size 16
+    socratune score replies.jsonl
+
+A prompts file holds one JSON object per line: ``{"id": ..., "prompt": "..."}`` or, for a
+conversation, ``{"id": ..., "messages": [...]}`` ending on a user turn (``id`` is optional and
+defaults to the line number). Replies come out as ``{"id", "text", "prompt"}``, the input format of
+``socratune score``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .data import BOT, ROLE_ALIASES
+from .errors import DataError
 from .template import chat_messages, render, supports_system_role
+
+log = logging.getLogger("socratune.generate")
 
 
 @dataclass(frozen=True)
@@ -40,25 +58,173 @@ def generate_replies(
     conversations: list[list[dict[str, str]]],
     params: GenParams = GenParams(),
     batch_size: int = 8,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """One reply per conversation (each a list of messages ending on a user turn)."""
+    """One reply per conversation (each a list of messages ending on a user turn), in input order.
+
+    Prompts are batched shortest first, so a batch pads its rows to similar lengths instead of
+    to the longest prompt of the file. ``on_batch(done, total)`` follows the progress.
+    """
     import torch
 
     texts = prompt_texts(tokenizer, conversations)
-    replies: list[str] = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    replies: list[str] = [""] * len(texts)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], add_special_tokens=False, padding=True,
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True,
                               return_tensors="pt").to(model.device)
             with torch.no_grad():
                 output = model.generate(**batch, **params.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            replies.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                replies[i] = text.strip()
+            if on_batch:
+                on_batch(start + len(rows), len(order))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return replies
+
+
+def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None):
+    """A transformers streamer that calls ``emit`` with the reply's new text after every token.
+
+    Not ``TextIteratorStreamer``: it holds text back until a space, newline or CJK ideograph, so
+    a Japanese reply in kana would arrive in one piece at the end. Here the whole reply is decoded
+    each step (cheap at reply lengths) and what is new is emitted, except a trailing half of a
+    multi-byte character (byte-level BPE splits them) and trailing whitespace, so the pieces add
+    up to exactly the stripped reply that ``generate_replies`` returns. ``lock`` guards the
+    tokenizer where other threads use it too (the server).
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    guard = lock if lock is not None else contextlib.nullcontext()
+
+    class DeltaStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.ids: list[int] = []
+            self.sent = 0
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if not self.prompt_seen:  # generate() hands the prompt over first
+                self.prompt_seen = True
+                return
+            self.ids.extend(value.reshape(-1).tolist())
+            text = self._text()
+            if not text.endswith("\ufffd"):
+                self._flush(text.rstrip())
+
+        def end(self) -> None:
+            self._flush(self._text().rstrip())
+
+        def _text(self) -> str:
+            with guard:
+                return tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
+        def _flush(self, text: str) -> None:
+            if len(text) > self.sent:
+                emit(text[self.sent :])
+                self.sent = len(text)
+
+    return DeltaStreamer()
+
+
+# --- prompt files for `socratune generate --input` ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    id: Any  # as given in the file, or the 1-based line number
+    messages: list[dict[str, str]]  # ends on a user turn; bot roles normalised to "assistant"
+
+    @property
+    def prompt(self) -> str:
+        """The last user message: what ``score`` checks the reply against."""
+        return self.messages[-1]["content"]
+
+
+def _messages_problem(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    expected = "user"
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return f"message {number} must be an object with a string 'content'"
+        given = message.get("role")
+        role = ROLE_ALIASES.get(given) if isinstance(given, str) else None
+        if role == "system" and number == 1:
+            continue
+        if role != expected:
+            return (f"message {number} has role {given!r}; expected {expected} "
+                    "(turns alternate, an optional system message comes first)")
+        if not message["content"].strip():
+            return f"message {number} is empty"
+        expected = BOT if role == "user" else "user"
+    if expected != BOT:
+        return "the last message must be a user turn (the one to reply to)"
+    return None
+
+
+def _parse_prompt_line(item: Any, number: int) -> PromptItem | str:
+    if not isinstance(item, dict):
+        return "expected a JSON object with 'prompt' or 'messages'"
+    if ("prompt" in item) == ("messages" in item):
+        return "give exactly one of 'prompt' (a string) or 'messages' (a conversation ending on a user turn)"
+    if "prompt" in item:
+        if not isinstance(item["prompt"], str) or not item["prompt"].strip():
+            return "'prompt' must be a non-empty string"
+        messages = [{"role": "user", "content": item["prompt"]}]
+    else:
+        if problem := _messages_problem(item["messages"]):
+            return problem
+        messages = [{"role": ROLE_ALIASES[m["role"]], "content": m["content"]} for m in item["messages"]]
+    return PromptItem(item.get("id", number), messages)
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """Every prompt of a JSONL file; any bad line makes it a DataError naming each ``FILE:LINE``
+    and what is wrong, before a model is loaded or a reply generated."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError as exc:
+        raise DataError(f"prompts file {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read prompts file {path}: {exc}") from exc
+    items: list[PromptItem] = []
+    problems: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            parsed = _parse_prompt_line(json.loads(line), number)
+        except json.JSONDecodeError as exc:
+            parsed = f"invalid JSON: {exc.msg}"
+        if isinstance(parsed, str):
+            problems.append(f"{path}:{number}: {parsed}")
+        else:
+            items.append(parsed)
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} bad line(s) in {path}; nothing was generated:\n{shown}{more}")
+    if not items:
+        raise DataError(f"{path} holds no prompt")
+    return items
+
+
+def reply_records(model: Any, tokenizer: Any, items: list[PromptItem], params: GenParams,
+                  batch_size: int) -> list[dict[str, Any]]:
+    """``{"id", "text", "prompt"}`` per prompt, in file order: ``socratune score`` input."""
+    def progress(done: int, total: int) -> None:
+        log.info("generated %d of %d replies", done, total)
+
+    replies = generate_replies(model, tokenizer, [i.messages for i in items], params, batch_size, progress)
+    return [{"id": i.id, "text": reply, "prompt": i.prompt} for i, reply in zip(items, replies)]

@@ -8,6 +8,7 @@ same code path is exercised by the tests. ``trust_remote_code`` is never turned 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .errors import ModelError
 from .tiny import save_tiny
 
 TINY = "tiny"
+log = logging.getLogger("socratune.modeling")
 
 
 @dataclass(frozen=True)
@@ -185,13 +187,22 @@ def load_adapter_for_inference(base, adapter_dir: Path):
     return model
 
 
-def load_for_inference(run_path: str | Path, checkpoint: str | None = None, base_only: bool = False):
-    """``(model, tokenizer)`` of a run: its base with the final adapter, a checkpoint's adapter
-    (``checkpoint`` = name under ``checkpoints/`` or a path), or the untuned base (``base_only``).
+@dataclass(frozen=True)
+class RunModel:
+    """Where a run's model comes from: its recorded config, the base to load and the adapter to put on it."""
+
+    config: Any  # socratune.config.Config as recorded in the run's config.yaml
+    source: str  # the base: the run's tiny directory, a local model directory or a hub id
+    adapter_dir: Path
+    tokenizer_source: Path  # the adapter's tokenizer where saved with it, else the base's
+
+
+def resolve_run_model(run_path: str | Path, checkpoint: str | None = None) -> RunModel:
+    """The base and adapter of a run: its final adapter, or ``checkpoint`` (a name under
+    ``checkpoints/`` or a path).
 
     The base is found from the run's recorded config, not from the adapter's absolute path, so
-    a run directory still works after it has been moved. A QLoRA run loads its base in 4-bit, as
-    it was trained (bitsandbytes runs on the CPU too).
+    a run directory still works after it has been moved.
     """
     import yaml
 
@@ -203,18 +214,34 @@ def load_for_inference(run_path: str | Path, checkpoint: str | None = None, base
     if not config_path.exists():
         raise ModelError(f"{run.path} is not a run directory (no {CONFIG_YAML})")
     config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
-    hardware = detect_hardware()
     source = resolve_model_source(config.model.name_or_path, run.base_dir)
     adapter_dir = run.adapter_dir
     if checkpoint:
         adapter_dir = Path(checkpoint) if Path(checkpoint).is_dir() else run.checkpoints_dir / checkpoint
     tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(source)
-    tokenizer = load_tokenizer(str(tokenizer_source), config.model.trust_remote_code)
-    base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
-                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
-                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
+    return RunModel(config, source, adapter_dir, tokenizer_source)
+
+
+def load_for_inference(run_path: str | Path, checkpoint: str | None = None, base_only: bool = False):
+    """``(model, tokenizer)`` of a run: its base with the final adapter, a checkpoint's adapter
+    (``checkpoint`` = name under ``checkpoints/`` or a path), or the untuned base (``base_only``).
+
+    A QLoRA run loads its base in 4-bit, as it was trained: on a GPU where CUDA is there, else on
+    the CPU through bitsandbytes' CPU kernels, which is logged as a warning since it is much slower.
+    """
+    resolved = resolve_run_model(run_path, checkpoint)
+    config = resolved.config
+    hardware = detect_hardware()
+    if config.quant.load_in_4bit and hardware.device != "cuda":
+        log.warning("QLoRA run and no CUDA device: the 4-bit base runs on the CPU (bitsandbytes' CPU kernels), "
+                    "much slower than on a GPU")
+    tokenizer = load_tokenizer(str(resolved.tokenizer_source), config.model.trust_remote_code)
+    base = load_base(resolved.source, hardware=hardware, dtype=config.model.dtype,
+                     load_in_4bit=config.quant.load_in_4bit, quant_type=config.quant.quant_type,
+                     double_quant=config.quant.double_quant, compute_dtype=config.quant.compute_dtype,
+                     attn_implementation=config.model.attn_implementation,
                      trust_remote_code=config.model.trust_remote_code)
     if base_only:
         base.eval()
         return base, tokenizer
-    return load_adapter_for_inference(base, adapter_dir), tokenizer
+    return load_adapter_for_inference(base, resolved.adapter_dir), tokenizer
