@@ -1,0 +1,467 @@
+"""``socratune serve``, started for real on a loopback port with the default run's tiny model:
+plain and streamed completions, bad requests, concurrent clients, the official ``openai``
+client, and the chat page in headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium; skipped with the reason when they are not installed).
+
+    SOCRATUNE_TEST_DEFAULT_RUN=/tmp/socratune_default_run python -m pytest -q tests/test_serve.py
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from socratune.cli import main
+from socratune.generate import GenParams, generate_replies
+from socratune.serve import ChatServer, Engine, ServeLimits, model_id_for
+
+QUESTION = "幸福とは何でしょうか？"
+MAX_NEW_TOKENS = 48  # the test server's default reply length: enough to stream, quick on the tiny model
+
+
+@pytest.fixture(scope="module")
+def loaded(default_run: Path) -> tuple[Any, Any]:
+    from socratune.modeling import load_for_inference
+
+    return load_for_inference(default_run)
+
+
+def _start(engine: Engine) -> ChatServer:
+    server = ChatServer("127.0.0.1", 0)
+    threading.Thread(target=server.serve, args=(engine,), daemon=True).start()
+    return server
+
+
+def _stop(server: ChatServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(loaded, default_run: Path) -> Iterator[ChatServer]:
+    model, tokenizer = loaded
+    server = _start(Engine(model, tokenizer, model_id_for(default_run), GenParams(max_new_tokens=MAX_NEW_TOKENS)))
+    yield server
+    _stop(server)
+
+
+def request(server: ChatServer, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPResponse, bytes]:
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response, response.read()
+    finally:
+        connection.close()
+
+
+def chat(server: ChatServer, payload: dict[str, Any]) -> tuple[int, http.client.HTTPResponse, bytes]:
+    return request(server, "POST", "/v1/chat/completions", json.dumps(payload).encode(),
+                   {"Content-Type": "application/json"})
+
+
+def ask(server: ChatServer, messages: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
+    payload = {"model": server.engine.model_id, "messages": messages, **extra}
+    status, _, body = chat(server, payload)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def events(body: bytes) -> list[Any]:
+    """The ``data:`` payloads of a server-sent event stream; ``[DONE]`` stays a string."""
+    found = []
+    for block in body.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block.removeprefix("data: ")
+            found.append(data if data == "[DONE]" else json.loads(data))
+    return found
+
+
+def streamed_text(chunks: list[Any]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                   if isinstance(c, dict) and c.get("choices"))
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_health_models_and_chat_page(server, default_run):
+    status, _, body = request(server, "GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok", "model": default_run.name}
+    status, _, body = request(server, "GET", "/v1/models")
+    assert status == 200
+    assert [m["id"] for m in json.loads(body)["data"]] == [default_run.name]
+    status, response, body = request(server, "GET", "/")
+    assert status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert b'<textarea id="input"' in body and b"/v1/chat/completions" in body
+
+
+def test_plain_completion_is_the_greedy_reply_of_generate(server, loaded):
+    model, tokenizer = loaded
+    expected = generate_replies(model, tokenizer, [user(QUESTION)], GenParams(max_new_tokens=MAX_NEW_TOKENS))[0]
+    reply = ask(server, user(QUESTION))
+    assert reply["object"] == "chat.completion" and reply["model"] == server.engine.model_id
+    choice = reply["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected} and expected
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = reply["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > usage["prompt_tokens"] > 0
+
+    sampled = [ask(server, user(QUESTION), temperature=1.0, seed=seed)["choices"][0]["message"]["content"]
+               for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a request's seed makes its sampled reply reproducible
+
+    cut = ask(server, user(QUESTION), max_tokens=3)
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 3
+    # A system message and earlier turns reach the model (the tiny template folds the system text in).
+    conversation = [{"role": "system", "content": "短く答えよ。"}, *user(QUESTION),
+                    {"role": "assistant", "content": expected}, *user("では、正義とは？")]
+    longer = ask(server, conversation)
+    assert longer["usage"]["prompt_tokens"] > usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_streamed_pieces_add_up_to_the_plain_reply(server):
+    plain = ask(server, user(QUESTION))["choices"][0]["message"]["content"]
+    status, response, body = chat(server, {"model": server.engine.model_id, "messages": user(QUESTION),
+                                           "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+    chunks = events(body)
+    assert chunks[-1] == "[DONE]"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c for c in chunks[1:-2] if c["choices"][0]["delta"].get("content")]
+    assert len(pieces) > 3, "the reply came in one piece, not streamed"
+    assert streamed_text(chunks) == plain
+    assert {c["object"] for c in chunks[:-1]} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks[:-1]}) == 1
+    assert chunks[-3]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] > 0
+
+
+def _bad_requests(model: str) -> list[tuple[str, dict[str, Any], int, str | None, str | None]]:
+    """(what, request, status, param, code) — every one must come back in OpenAI's error shape."""
+    ok = {"model": model, "messages": user(QUESTION)}
+    return [
+        ("no messages key", {"model": model}, 400, "messages", None),
+        ("empty messages", {**ok, "messages": []}, 400, "messages", None),
+        ("unknown role", {**ok, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", None),
+        ("content not text", {**ok, "messages": [{"role": "user", "content": 42}]}, 400, "messages.0.content", None),
+        ("unsupported parameter", {**ok, "stop": ["\n"]}, 400, "stop", None),
+        ("temperature as text", {**ok, "temperature": "0.5"}, 400, "temperature", None),
+        ("temperature too high", {**ok, "temperature": 3}, 400, "temperature", None),
+        ("n > 1", {**ok, "n": 2}, 400, "n", None),
+        ("max_tokens 0", {**ok, "max_tokens": 0}, 400, "max_tokens", None),
+        ("max_tokens above the ceiling", {**ok, "max_tokens": 5000}, 400, "max_tokens", None),
+        ("max_tokens beyond the context", {**ok, "max_tokens": 1024}, 400, "messages", "context_length_exceeded"),
+        ("too many messages", {**ok, "messages": user("a") * 65}, 400, "messages", "too_many_messages"),
+        ("message too long", {**ok, "messages": user("問" * 8001)}, 400, "messages.0.content", None),
+        ("messages too long together", {**ok, "messages": (user("問" * 7000) + [
+            {"role": "assistant", "content": "答" * 7000}]) * 2 + user("問" * 7000)}, 400, "messages",
+         "messages_too_long"),
+        ("turns out of order", {**ok, "messages": user("a") + user("b")}, 400, "messages.1.role", None),
+        ("system message later", {**ok, "messages": user("a") + [{"role": "system", "content": "s"}]}, 400,
+         "messages.1.role", None),
+        ("ends on the bot", {**ok, "messages": user("a") + [{"role": "assistant", "content": "b"}]}, 400,
+         "messages", None),
+        ("unknown model", {**ok, "model": "gpt-4o"}, 404, "model", "model_not_found"),
+    ]
+
+
+def test_bad_requests_get_4xx_in_openai_error_shape(server):
+    def check(status: int, body: bytes, expected_status: int, param: str | None = None,
+              code: str | None = None) -> None:
+        assert status == expected_status, body
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["type"] == "invalid_request_error"
+        assert (error["param"], error["code"]) == (param, code), error
+
+    for what, payload, status, param, code in _bad_requests(server.engine.model_id):
+        got_status, _, body = chat(server, payload)
+        check(got_status, body, status, param, code)
+
+    json_headers = {"Content-Type": "application/json"}
+    status, _, body = request(server, "POST", "/v1/chat/completions", b'{"model": ', json_headers)
+    check(status, body, 400)
+    status, _, body = request(server, "POST", "/v1/chat/completions", b"[1, 2]", json_headers)
+    check(status, body, 400)
+    status, _, body = request(server, "POST", "/v1/chat/completions", json.dumps(
+        {"model": server.engine.model_id, "messages": user(QUESTION)}).encode(), {"Content-Type": "text/plain"})
+    check(status, body, 415)
+    status, _, body = request(server, "GET", "/v1/nothing-here")
+    check(status, body, 404, code="not_found")
+    status, response, body = request(server, "GET", "/v1/chat/completions")
+    check(status, body, 405, code="method_not_allowed")
+    assert response.getheader("Allow") == "POST"
+    status, _, body = request(server, "DELETE", "/health")
+    check(status, body, 405, code="method_not_allowed")
+    status, _, body = request(server, "GET", "/health", headers={"Host": "attacker.example:8000"})
+    check(status, body, 403)  # DNS rebinding: a loopback server answers to local names only
+
+    # A body announced too large is refused before it is read; one without a length is refused too.
+    for headers, expected in ((("Content-Length", str(10**7)),), 413), ((), 411):
+        connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        connection.putrequest("POST", "/v1/chat/completions")
+        connection.putheader("Content-Type", "application/json")
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        check(response.status, response.read(), expected)
+        connection.close()
+
+    assert ask(server, user(QUESTION))["choices"][0]["message"]["content"]  # and the server still answers
+
+
+class GenerationSpy:
+    """The model, recording when each ``generate()`` runs, to see whether two ever overlap."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.intervals: list[tuple[float, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        time.sleep(0.05)  # long enough for every other client's request to arrive meanwhile
+        output = self.model.generate(*args, **kwargs)
+        self.intervals.append((start, time.monotonic()))
+        return output
+
+
+def test_concurrent_clients_get_the_replies_they_would_get_alone_one_at_a_time(loaded):
+    model, tokenizer = loaded
+    spy = GenerationSpy(model)
+    server = _start(Engine(spy, tokenizer, "socrates", GenParams(max_new_tokens=MAX_NEW_TOKENS)))
+    try:
+        questions = [QUESTION, "正義とは何か。", "勇気とは何でしょう？", "友情について教えてください。"]
+        alone = {q: ask(server, user(q))["choices"][0]["message"]["content"] for q in questions}
+        assert len(set(alone.values())) > 1  # different questions, different replies: a mix-up would show
+        spy.intervals.clear()
+
+        # Eight at once, half of them streamed: one generates, seven wait (within max_waiting).
+        jobs = [(q, stream) for q in questions for stream in (False, True)]
+        barrier = threading.Barrier(len(jobs))
+        results: dict[int, str | bytes] = {}
+        sent: list[float] = []
+
+        def client(index: int, question: str, stream: bool) -> None:
+            barrier.wait()
+            sent.append(time.monotonic())
+            status, _, body = chat(server, {"model": "socrates", "messages": user(question), "stream": stream})
+            if status != 200:
+                results[index] = body
+            elif stream:
+                results[index] = streamed_text(events(body))
+            else:
+                results[index] = json.loads(body)["choices"][0]["message"]["content"]
+
+        threads = [threading.Thread(target=client, args=(i, q, s)) for i, (q, s) in enumerate(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        _stop(server)
+    assert {i: results.get(i) for i in range(len(jobs))} == {i: alone[q] for i, (q, _) in enumerate(jobs)}
+    intervals = sorted(spy.intervals)
+    assert len(intervals) == len(jobs)
+    assert max(sent) < intervals[0][1]  # the clients really were all waiting at once...
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(intervals))  # ...and took turns
+
+
+def test_a_client_hanging_up_mid_stream_frees_the_model(server):
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": server.engine.model_id, "messages": user(QUESTION), "stream": True, "max_tokens": 200}).encode(),
+        {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")
+    connection.close()
+    assert ask(server, user(QUESTION), max_tokens=5)["usage"]["completion_tokens"] == 5
+
+
+def test_waiting_requests_are_bounded_429_then_503(loaded):
+    model, tokenizer = loaded
+    params = GenParams(max_new_tokens=8)
+    for limits, status, kind in ((ServeLimits(max_waiting=0), 429, "rate_limit_error"),
+                                 (ServeLimits(max_waiting=1, max_queue_wait_s=0.3), 503, "server_error")):
+        engine = Engine(model, tokenizer, "busy", params, limits)
+        server = _start(engine)
+        try:
+            with engine.turn():  # the model is busy with someone else's reply
+                got, _, body = chat(server, {"model": "busy", "messages": user(QUESTION)})
+            assert got == status, body
+            error = json.loads(body)["error"]
+            assert (error["type"], error["code"]) == (kind, "server_busy")
+            assert chat(server, {"model": "busy", "messages": user(QUESTION)})[0] == 200  # free again
+        finally:
+            _stop(server)
+
+
+def test_official_openai_client_plain_and_streaming(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    model = server.engine.model_id
+    assert [m.id for m in client.models.list()] == [model]
+    expected = ask(server, user(QUESTION))["choices"][0]["message"]["content"]
+
+    completion = client.chat.completions.create(model=model, messages=user(QUESTION))
+    assert completion.choices[0].message.content == expected
+    assert completion.choices[0].finish_reason in ("stop", "length") and completion.usage.completion_tokens > 0
+
+    stream = client.chat.completions.create(model=model, messages=user(QUESTION), stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=model, messages=user(QUESTION), max_tokens=5000)
+    assert bad.value.param == "max_tokens" and "at most 1024" in bad.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=user(QUESTION))
+    assert missing.value.code == "model_not_found"
+
+
+def test_serve_command_serves_until_interrupted(default_run):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "socratune", "serve", str(default_run), "--port", "0", "--max-new-tokens", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"Serving {default_run.name}: chat page http://127.0.0.1:"), process.stderr.read()
+        url = line.split("chat page ")[1].split("/ ,")[0]
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": default_run.name, "messages": user(QUESTION)}).encode(), {"Content-Type": "application/json"})
+        reply = json.loads(connection.getresponse().read())
+        assert reply["usage"]["completion_tokens"] <= 5  # --max-new-tokens is the requests' default
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+    assert "stopped" in process.stderr.read()
+
+
+def test_serve_warns_off_loopback_and_reports_a_busy_port(server, default_run, capsys):
+    port = server.server_address[1]
+    assert main(["serve", str(default_run), "--host", "0.0.0.0", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "warning: serving on 0.0.0.0" in err and "no authentication" in err
+    assert f"cannot listen on 0.0.0.0:{port}" in err
+
+
+# --- the chat page in headless Chromium -------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("headless browser test needs Debian's chromium and chromium-driver: "
+                    "apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with both paths given, Selenium Manager downloads nothing
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--lang=ja"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _messages(driver) -> list[tuple[str, str]]:
+    return [tuple(m) for m in driver.execute_script(
+        "return [...document.querySelectorAll('#log .msg')].map(e => [e.className, e.textContent])")]
+
+
+def _wait_idle(driver) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+        "return document.body.dataset.busy === 'false' && !document.getElementById('send').disabled"))
+
+
+def test_chat_page_streams_replies_to_japanese_typed_through_an_ime(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server.url + "/")
+    _wait_idle(browser)  # the page asked /v1/models for the model's name
+    box = browser.find_element("id", "input")
+    box.click()
+    # Record every state of the reply bubble, to see it grow piece by piece.
+    browser.execute_script("""
+        window.replyStates = [];
+        new MutationObserver(() => {
+          const reply = document.querySelector('#log .assistant:last-of-type');
+          if (reply && reply.textContent) window.replyStates.push(reply.textContent);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    """)
+
+    # A real IME composition (Chromium's own, driven over DevTools): Enter confirms the
+    # conversion, and must not send the half-typed question.
+    browser.execute_cdp_cmd("Input.imeSetComposition", {"text": "こうふく", "selectionStart": 4, "selectionEnd": 4})
+    browser.execute_cdp_cmd("Input.imeSetComposition", {"text": "幸福", "selectionStart": 2, "selectionEnd": 2})
+    for kind in ("rawKeyDown", "keyUp"):
+        browser.execute_cdp_cmd("Input.dispatchKeyEvent", {"type": kind, "key": "Enter", "code": "Enter",
+                                                           "windowsVirtualKeyCode": 13})
+    assert _messages(browser) == []
+    browser.execute_cdp_cmd("Input.insertText", {"text": "幸福"})  # the conversion is committed
+    box.send_keys("とは何でしょうか？")
+    # Safari's order: compositionend first, then the confirming Enter with keyCode 229.
+    browser.execute_script("""
+        const event = new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true});
+        Object.defineProperty(event, 'keyCode', {value: 229});
+        document.getElementById('input').dispatchEvent(event);
+    """)
+    ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+    assert box.get_attribute("value") == QUESTION + "\n"  # Shift+Enter: a newline, not a send
+    assert _messages(browser) == []
+
+    box.send_keys(Keys.ENTER)
+    _wait_idle(browser)
+    expected = ask(server, user(QUESTION))["choices"][0]["message"]["content"]
+    assert _messages(browser) == [("msg user", QUESTION), ("msg assistant", expected)]
+    states = browser.execute_script("return window.replyStates")
+    assert len(set(states)) > 1 and states[-1] == expected, "the reply did not appear piece by piece"
+    assert box.get_attribute("value") == ""
+
+    # The second question goes with the first exchange: the page keeps the history.
+    box.send_keys("では、正義とは？" + Keys.ENTER)
+    _wait_idle(browser)
+    history = [*user(QUESTION), {"role": "assistant", "content": expected}, *user("では、正義とは？")]
+    second = ask(server, history)["choices"][0]["message"]["content"]
+    assert _messages(browser)[-1] == ("msg assistant", second)
+
+    browser.refresh()  # the conversation survives a reload
+    _wait_idle(browser)
+    assert [text for _, text in _messages(browser)] == [QUESTION, expected, "では、正義とは？", second]
+
+    browser.find_element("id", "reset").click()
+    assert _messages(browser) == []
+    assert browser.execute_script("return sessionStorage.getItem('socratune-chat')") == "[]"
+    browser.find_element("id", "input").send_keys("では、正義とは？" + Keys.ENTER)
+    _wait_idle(browser)  # after reset the question stands alone again
+    assert _messages(browser)[-1] == ("msg assistant", ask(server, user("では、正義とは？"))["choices"][0]["message"]
+                                      ["content"])
+
