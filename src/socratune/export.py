@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelError
-from .modeling import load_adapter_for_inference, load_tokenizer, resolve_run_model
+from .modeling import (
+    RunModel,
+    load_adapter_for_inference,
+    load_tokenizer,
+    resolve_run_model,
+)
 from .rundir import replace_dir_atomic
 
 
@@ -71,28 +76,25 @@ def merged_dtype(config: Any, source: str):
     return stored if isinstance(stored, torch.dtype) else getattr(torch, stored)
 
 
-def merge_run(run_path: str | Path, checkpoint: str | None = None) -> tuple[Any, Any, list[str]]:
-    """``(merged model, tokenizer, notes)``: the run's adapter (or ``checkpoint``'s) folded into
-    its base's weights on the CPU; the result is a plain transformers model."""
+def merge_run(resolved: RunModel) -> tuple[Any, list[str]]:
+    """``(merged model, notes)``: the run's adapter folded into its base's weights on the CPU;
+    the result is a plain transformers model."""
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve_run_model(run_path, checkpoint)
     config = resolved.config
-    dtype = merged_dtype(config, resolved.source)
     notes = []
     if config.quant.load_in_4bit:
         notes.append(f"QLoRA run: the adapter is merged into the base loaded unquantized in {config.quant.compute_dtype} "
                      "(quant.compute_dtype), not into 4-bit weights; quantize the merged model afterwards if you "
                      "need it smaller")
-    tokenizer = load_tokenizer(str(resolved.tokenizer_source), config.model.trust_remote_code)
     try:
-        base = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=dtype,
+        base = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=merged_dtype(config, resolved.source),
                                                     trust_remote_code=config.model.trust_remote_code)
     except OSError as exc:
         raise ModelError(f"cannot load model {resolved.source}: {exc}") from exc
     merged = load_adapter_for_inference(base, resolved.adapter_dir).merge_and_unload()
     merged.eval()
-    return merged, tokenizer, notes
+    return merged, notes
 
 
 def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
@@ -215,8 +217,9 @@ def _add_tokenizer(writer: Any, model: Any, tokenizer: Any) -> None:
 
     Token strings are the byte-level spellings from the vocabulary (what llama.cpp's ``gpt2``
     tokenizer model reads); special tokens are CONTROL so llama.cpp parses them whole. Merges,
-    special ids, add-BOS and the chat template come from gguf's own ``SpecialVocab`` reading the
-    saved tokenizer files; the end-of-turn id(s) from the generation config become EOT.
+    special ids and the chat template come from gguf's own ``SpecialVocab`` reading the saved
+    tokenizer files; add-BOS/EOS from what the tokenizer does; the end-of-turn id from the
+    generation config becomes EOT, so llama.cpp stops a reply where the model ends its turn.
     """
     import gguf
 
@@ -238,7 +241,13 @@ def _add_tokenizer(writer: Any, model: Any, tokenizer: Any) -> None:
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as saved:
         tokenizer.save_pretrained(saved)
-        gguf.SpecialVocab(saved, load_merges=True, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+        special_vocab = gguf.SpecialVocab(saved, load_merges=True, n_vocab=n_vocab)
+    # Whether BOS/EOS are added is what the tokenizer does, not what its files may or may not state:
+    # llama.cpp would otherwise guess, and a chat template that writes <bos> itself would get two.
+    probe = tokenizer("a")["input_ids"]
+    special_vocab.add_special_token = {"bos": probe[0] == tokenizer.bos_token_id,
+                                       "eos": probe[-1] == tokenizer.eos_token_id}
+    special_vocab.add_to_gguf(writer, quiet=True)
     eos = model.generation_config.eos_token_id
     end_of_turn = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i != tokenizer.eos_token_id]
     if end_of_turn:
@@ -256,12 +265,15 @@ def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path
         _check_target(merged_target, force, "--merged")
     if gguf_target:
         _check_target(gguf_target, force, "--gguf")
-    model, tokenizer, notes = merge_run(run_path, checkpoint)
-    gguf_type = None
-    if gguf_target:  # first: an unsupported model is refused before anything is written
-        _check_llama(model.config, tokenizer)
+    resolved = resolve_run_model(run_path, checkpoint)
+    tokenizer = load_tokenizer(str(resolved.tokenizer_source), resolved.config.model.trust_remote_code)
+    if gguf_target:  # an unsupported model is refused before the merge and before anything is written
+        from transformers import AutoConfig
+
+        _check_llama(AutoConfig.from_pretrained(resolved.source,
+                                                trust_remote_code=resolved.config.model.trust_remote_code), tokenizer)
+    model, notes = merge_run(resolved)
     if merged_target:
         save_merged(model, tokenizer, merged_target)
-    if gguf_target:
-        gguf_type = write_gguf(model, tokenizer, gguf_target, Path(run_path).resolve().name)
+    gguf_type = write_gguf(model, tokenizer, gguf_target, Path(run_path).resolve().name) if gguf_target else None
     return ExportResult(merged_target, gguf_target, str(model.dtype).removeprefix("torch."), gguf_type, notes)

@@ -1,0 +1,69 @@
+"""``socratune generate``: batched replies to a JSONL file that ``socratune score`` reads as they are.
+
+    python -m pytest -q tests/test_generate.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from socratune.cli import main
+
+PROMPTS = [
+    {"id": "happiness", "prompt": "幸福とは何でしょうか？"},
+    {"prompt": "正義とは何でしょうか？"},  # no id: the line number stands in
+    {"id": 7, "messages": [{"role": "system", "content": "あなたはソクラテスです。"},
+                           {"role": "user", "content": "勇気とは？"},
+                           {"role": "model", "content": "君はどう考えるのかね？"},
+                           {"role": "user", "content": "恐れないことだと思います。"}]},
+]
+
+
+def _write_jsonl(path, rows) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+
+
+def test_batched_replies_flow_into_score_and_do_not_depend_on_the_batch_size(default_run, default_model, tmp_path,
+                                                                              capsys):
+    from socratune.generate import GenParams, generate_replies, read_prompts
+
+    prompts, replies_path, scores = tmp_path / "prompts.jsonl", tmp_path / "replies.jsonl", tmp_path / "scores.jsonl"
+    _write_jsonl(prompts, PROMPTS)
+    assert main(["generate", str(default_run), "--input", str(prompts), "--output", str(replies_path),
+                 "--max-new-tokens", "16", "--batch-size", "2"]) == 0
+    assert "socratune score" in capsys.readouterr().err
+
+    replies = [json.loads(line) for line in replies_path.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in replies] == ["happiness", 2, 7]
+    assert [r["prompt"] for r in replies] == ["幸福とは何でしょうか？", "正義とは何でしょうか？", "恐れないことだと思います。"]
+    # left padding: a reply is the same whether its prompt shared a batch with a longer one or went alone
+    alone = generate_replies(*default_model, [i.messages for i in read_prompts(prompts)], GenParams(max_new_tokens=16),
+                             batch_size=1)
+    assert [r["text"] for r in replies] == alone and all(alone)
+
+    assert main(["score", str(replies_path), "--output", str(scores)]) == 0
+    scored = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines()]
+    assert [s["id"] for s in scored] == ["happiness", 2, 7]
+    assert all(0 <= s["scores"]["overall"] <= 4 for s in scored)
+
+
+def test_bad_prompt_lines_are_named_by_line_before_anything_is_generated(tmp_path, capsys):
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(prompts, [PROMPTS[0], "{not json", {"id": 3}, {"messages": [{"role": "user", "content": "a"},
+                                                                            {"role": "model", "content": "b"}]}])
+    # the run directory does not even exist: the file is checked before any model is loaded
+    assert main(["generate", str(tmp_path / "no-run"), "--input", str(prompts), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "3 bad line(s)" in err
+    assert "prompts.jsonl:2: invalid JSON" in err
+    assert "prompts.jsonl:3: give exactly one of 'prompt'" in err
+    assert "prompts.jsonl:4: the last message must be a user turn" in err
+    assert not out.exists()
+
+
+def test_a_single_prompt_still_prints_its_reply(default_run, capsys):
+    assert main(["generate", str(default_run), "幸福とは何でしょうか？", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", str(default_run)]) == 2
+    assert "give either a PROMPT or --input" in capsys.readouterr().err
