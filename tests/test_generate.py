@@ -62,8 +62,9 @@ def test_bad_prompt_lines_are_named_by_line_before_anything_is_generated(tmp_pat
     assert not out.exists()
 
 
-def test_a_single_prompt_still_prints_its_reply(default_run, capsys):
-    assert main(["generate", str(default_run), "幸福とは何でしょうか？", "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out.strip()
+def test_generate_wants_a_prompt_or_an_input_file(default_run, capsys):
+    # the single-prompt form itself is tested in test_train.py (test_generate_prints_a_reply)
     assert main(["generate", str(default_run)]) == 2
     assert "give either a PROMPT or --input" in capsys.readouterr().err
+    assert main(["generate", str(default_run), "問い", "--output", "x.jsonl"]) == 2
+    assert "--output goes with --input" in capsys.readouterr().err
