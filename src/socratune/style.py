@@ -13,11 +13,17 @@ over characters cannot. Regexes are used only for surface format checks.
 
 Calibration targets rank agreement with an LLM judge's 0-4 ratings, so scores blend partial
 credit rather than count hits: tone mixes the length-weighted credit of sentence endings, the
-best ending, address terms and the share of polite text; approach rewards questions (a closing
-one and one about something most) and subtracts lecturing, answer-giving and long explanation;
-format and logic start at 4 and subtract capped penalties per problem found.
+best ending, address terms and the share of polite text (quoted speech is not the reply's own
+register; asking keeps a trace of credit); approach rewards questions (a closing one and one
+about something most) and subtracts lecturing, advice put as a question, answer-giving, long
+explanation and a question that is an afterthought to statements; format and logic start at 4
+and subtract capped penalties per problem found, format scaled by the share of readable text.
+Degenerate text (loops, stutter, echoing the user, character runs) also scales tone and approach
+down: a judge does not hear Socrates in a loop, whatever its endings.
 
-Layer 0: no torch or transformers. Tests: ``pytest tests/test_style.py``.
+``tests/data/style_calibration_ja.jsonl`` (101 hand-rated replies) is what the weights were
+checked against. Layer 0: no torch or transformers. Tests: ``pytest tests/test_style.py
+tests/test_style_calibration.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -87,6 +94,8 @@ class ToneWeights(_Strict):
     best_ending: Points
     address: Points
     polite: Points
+    asking: Share
+    degenerate: Share
 
 
 class ToneRules(_Strict):
@@ -109,7 +118,11 @@ class ApproachWeights(_Strict):
     lecturing_max: Points
     answer_giving: Points
     answer_giving_max: Points
+    suggestion: Points
+    suggestion_max: Points
+    statement_share: Points
     long_explanation: Points
+    degenerate: Share
 
 
 class ApproachRules(_Strict):
@@ -118,7 +131,9 @@ class ApproachRules(_Strict):
     invitations: list[Marker]
     lecturing: list[Marker]
     answer_giving: list[Marker]
+    suggestions: list[Marker]
     lecture_chars: int = Field(gt=0)
+    afterthought_share: float = Field(ge=0, lt=1)
     weights: ApproachWeights
 
 
@@ -136,6 +151,7 @@ class FormatPenalties(_Strict):
     stray_symbol: Penalty
     odd_space: Penalty
     odd_line_break: Penalty
+    char_run: Penalty
 
 
 class FormatRules(_Strict):
@@ -163,6 +179,8 @@ class LogicPenalties(_Strict):
     unknown_words: Points
     too_short: Points
     no_predicate: Points
+    stutter: Points
+    echo: Points
 
 
 class LogicRules(_Strict):
@@ -170,6 +188,8 @@ class LogicRules(_Strict):
     stop_lemmas: list[str]
     overlap_wanted: int = Field(ge=0)
     penalties: LogicPenalties
+    degenerate_at: float = Field(gt=0)
+    echo_from: float = Field(ge=0, lt=1)
 
 
 class AxisWeights(_Strict):
@@ -264,6 +284,7 @@ class _Morph(NamedTuple):
     norm: str  # normalized form, for comparing content words
     pos: tuple[str, ...]  # six fields; [5] is the conjugation form
     oov: bool
+    quoted: bool = False  # inside 「」 or other brackets: someone else's words, not the reply's voice
 
 
 _Spec = tuple[str | None, str | None, tuple[str, ...], str | None]  # form, surface, pos prefix, conj
@@ -286,6 +307,12 @@ def _match_at(morphs: list[_Morph], i: int, specs: tuple[_Spec, ...]) -> bool:
 def _found(rules: list[_Rule], morphs: list[_Morph]) -> list[_Rule]:
     """Rules matching anywhere in ``morphs``, once per occurrence."""
     return [r for r in rules for i in range(len(morphs)) if _match_at(morphs, i, r[2])]
+
+
+def _own(morphs: list[_Morph]) -> list[_Morph]:
+    """The reply's own words: quoted speech (「私は守ります」と言う) is left out of register and
+    lecturing checks, as a reader does."""
+    return [m for m in morphs if not m.quoted]
 
 
 def _best_ending(rules: list[_Rule], morphs: list[_Morph]) -> _Rule | None:
@@ -336,8 +363,9 @@ def _sentences(text: str) -> list[_Sentence]:
         depth = 0
         morphs = [m for start in range(0, len(line), _CHUNK) for m in _tokenizer().tokenize(line[start:start + _CHUNK])]
         for i, m in enumerate(morphs):
-            morph = _Morph(m.surface(), m.dictionary_form(), m.normalized_form(), tuple(m.part_of_speech()), m.is_oov())
-            depth += (morph.pos[1] == "括弧開") - (morph.pos[1] == "括弧閉" and depth > 0)
+            pos = tuple(m.part_of_speech())
+            depth += (pos[1] == "括弧開") - (pos[1] == "括弧閉" and depth > 0)
+            morph = _Morph(m.surface(), m.dictionary_form(), m.normalized_form(), pos, m.is_oov(), depth > 0)
             current.append(morph)
             if i == len(morphs) - 1 or (morph.pos[:2] == _PERIOD and depth == 0):
                 core = len(current)
@@ -360,9 +388,33 @@ _ENGLISH = re.compile(r"[A-Za-zＡ-Ｚａ-ｚ]+(?:['’][A-Za-z]+)?")
 _ENGLISH_RUN = re.compile(
     r"[ \t\u3000]*[A-Za-zＡ-Ｚａ-ｚ]+(?:(?:['’\-]|[ \t]+)[A-Za-zＡ-Ｚａ-ｚ]+)*[ \t\u3000]*")
 _FOREIGN = re.compile("[\u0370-\u03FF\u0400-\u04FF\u0590-\u06FF\u0900-\u097F\u0E00-\u0E7F\u1100-\u11FF\uAC00-\uD7AF]+")
+_HAN = re.compile("[\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]")
+# Three or more of one punctuation mark (。。。。, ？？？, ーーーー): noise, not Japanese prose.
+_PUNCT_RUN = re.compile(r"([。、，．？！?!・ー―─])\1{2,}")
+
+
+@lru_cache(maxsize=4096)
+def _japanese_han(char: str) -> bool:
+    """Whether a Han character is a Japanese kanji: in JIS X 0213, which holds every kanji of
+    Japanese writing; Chinese simplified forms (这, 问, 题) are not."""
+    try:
+        char.encode("euc_jis_2004")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _JAPANESE = re.compile("[\u3040-\u309F\u30A0-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF々〆ヶ]")
 _SPACES = re.compile(r"[ \t\u3000\u00A0]+")
-_CHAR_RUN = re.compile(r"(.)\1{5,}")
+_CHAR_RUN = re.compile(r"(\S)\1{5,}")
+_NOT_CORE = re.compile(r"[\s。、，．？！?!「」『』（）()…・〜～]")
+
+
+def _core(text: str) -> str:
+    """Text without punctuation and blanks, for comparing wording."""
+    return _NOT_CORE.sub("", text)
+
+
 _LINE_END_OK = "。？！?!」』）)…\n"
 
 
@@ -393,7 +445,7 @@ class StyleScorer:
         self._endings, self._polite = _compile(p.tone.endings), _compile(p.tone.polite)
         self._address, self._questions = _compile(p.tone.address), _compile(p.approach.question_endings)
         self._invites, self._lecturing = _compile(p.approach.invitations), _compile(p.approach.lecturing)
-        self._answers = _compile(p.approach.answer_giving)
+        self._answers, self._suggestions = _compile(p.approach.answer_giving), _compile(p.approach.suggestions)
         # "(?!)" never matches: a profile may list no special tokens.
         self._special = re.compile("|".join(f"(?:{s})" for s in p.format.special_tokens or ["(?!)"]))
         self._content_pos = [tuple(x.split(",")) for x in p.logic.content_pos]
@@ -405,11 +457,18 @@ class StyleScorer:
         if not text.strip():
             return StyleScore(0.0, 0.0, 0.0, 0.0, 0.0, ["empty reply"])
         notes: list[str] = []
-        fmt, clean, ja_share = self._format(text, notes)
+        fmt, clean, readable = self._format(text, notes)
         sentences = _sentences(clean)
         if sentences:
-            axes = {"tone": self._tone(sentences, ja_share, notes), "approach": self._approach(sentences, notes),
-                    "format": fmt, "logic": self._logic(sentences, clean, prompt, notes)}
+            axes = {"tone": self._tone(sentences, readable, notes), "approach": self._approach(sentences, notes),
+                    "format": fmt}
+            axes["logic"], degenerate = self._logic(sentences, clean, prompt, notes)
+            if degenerate:
+                # A loop or word salad is not Socrates speaking or asking, whatever its endings.
+                axes["tone"] = _clip(axes["tone"] * (1 - self.profile.tone.weights.degenerate * degenerate))
+                axes["approach"] = _clip(axes["approach"]
+                                         * (1 - self.profile.approach.weights.degenerate * degenerate))
+                notes.append(f"degenerate text ({degenerate:.0%}) lowers tone and approach")
         else:
             notes.append("no words left once markup and special tokens are removed")
             axes = {"tone": 0.0, "approach": 0.0, "format": fmt, "logic": 0.0}
@@ -418,7 +477,8 @@ class StyleScorer:
         return StyleScore(**axes, overall=_clip(overall), explanations=notes)
 
     def _format(self, text: str, notes: list[str]) -> tuple[float, str, float]:
-        """Format score, the text without special tokens and markup, and the Japanese share of letters."""
+        """Format score, the text without special tokens and markup, and the share of the text
+        that is readable Japanese (Japanese letters among letters, times the share not junk)."""
         found: dict[str, list[str]] = {}
         body = text.strip()
         for kind, pattern in (("special_token", self._special), ("html", _HTML)):
@@ -432,16 +492,19 @@ class StyleScorer:
         body = _EMOJI.sub("", clean)
         found["english_word"] = _ENGLISH.findall(body)
         body = _ENGLISH_RUN.sub("", body)
-        found["foreign_script"] = _FOREIGN.findall(body)
-        body = _FOREIGN.sub("", body)
+        found["foreign_script"] = _FOREIGN.findall(body) + [c for c in _HAN.findall(body) if not _japanese_han(c)]
+        body = "".join(c for c in _FOREIGN.sub("", body) if not (_HAN.match(c) and not _japanese_han(c)))
+        punct_runs = [m.group(0) for m in _PUNCT_RUN.finditer(body)]
+        body = _PUNCT_RUN.sub("", body)
         allowed = self.profile.format.allowed_symbols
-        found["stray_symbol"] = [c for c in body
-                                 if not (c.isspace() or c.isdigit() or _JAPANESE.match(c) or c in allowed)]
+        found["stray_symbol"] = punct_runs + [c for c in body
+                                              if not (c.isspace() or c.isdigit() or _JAPANESE.match(c) or c in allowed)]
         found["odd_space"] = _SPACES.findall(body.strip())
+        found["char_run"] = [m.group(0) for m in _CHAR_RUN.finditer(clean)]
         mid_sentence = [c for i, c in enumerate(clean) if c == "\n" and clean[i - 1] not in _LINE_END_OK]
         found["odd_line_break"] = ["\\n"] * literal_breaks + re.findall(r"\r|\n{3,}", clean) + mid_sentence
         labels = {"special_token": "special token", "html": "HTML", "emoji": "emoji", "english_word": "English word",
-                  "foreign_script": "non-Japanese script", "stray_symbol": "stray symbol"}
+                  "foreign_script": "non-Japanese script", "stray_symbol": "stray symbol", "char_run": "character run"}
         for kind, label in labels.items():
             notes.extend(f"{label} {f!r}" for f in dict.fromkeys(found[kind]))
         if found["odd_space"]:
@@ -449,16 +512,25 @@ class StyleScorer:
         if found["odd_line_break"]:
             notes.append(f"{len(found['odd_line_break'])} odd line break(s) "
                          "(mid-sentence, blank runs or a literal \\n)")
-        japanese = len(_JAPANESE.findall(clean))
+        japanese = sum(not (_HAN.match(c) and not _japanese_han(c)) for c in _JAPANESE.findall(clean))
         other = sum(map(len, found["english_word"] + found["foreign_script"]))
         ja_share = japanese / (japanese + other) if japanese else 0.0
         if ja_share < 1:
             notes.append(f"Japanese is {ja_share:.0%} of the letters")
+        # Junk (stray symbols, a run's characters beyond three) scales the score by its share of
+        # the text: capped penalties alone would leave a reply that is mostly 、、、 or 666 at 1.5.
+        visible = sum(not c.isspace() for c in clean)
+        junk = sum(map(len, found["stray_symbol"])) + sum(len(run) - 3 for run in found["char_run"])
+        readable = max(0.0, 1 - junk / visible) if visible else 0.0
+        if readable < 1:
+            notes.append(f"{1 - readable:.0%} of the characters are stray symbols or repeated runs")
         penalty = self.profile.format.penalties.model_dump()
         lost = sum(min(penalty[k]["each"] * len(hits), penalty[k]["max"]) for k, hits in found.items())
-        return _clip((4.0 - lost) * ja_share), _SPACES.sub(" ", clean), ja_share
+        # Emoji are format's concern; left in, they would read as unknown words and cut-off sentences.
+        analysed = _SPACES.sub(" ", _EMOJI.sub("", clean)).strip()
+        return _clip((4.0 - lost) * ja_share * readable), analysed, ja_share * readable
 
-    def _tone(self, sentences: list[_Sentence], ja_share: float, notes: list[str]) -> float:
+    def _tone(self, sentences: list[_Sentence], readable: float, notes: list[str]) -> float:
         rules, w = self.profile.tone, self.profile.tone.weights
         credits, polite_chars = [], 0
         for n, s in enumerate(sentences, 1):
@@ -469,7 +541,7 @@ class StyleScorer:
                 credit, what = rules.plain_ending_weight, "ends in plain form"
             else:
                 credit, what = rules.other_ending_weight, "has no in-character ending"
-            polite = sorted({r[0] for r in _found(self._polite, s.morphs)})
+            polite = sorted({r[0] for r in _found(self._polite, _own(s.morphs))})
             if polite:
                 credit *= rules.polite_sentence_credit
                 polite_chars += len(s.text)
@@ -482,14 +554,29 @@ class StyleScorer:
         notes.extend(f"address term {a}" for a in address)
         raw = (w.mean_ending * mean + w.best_ending * max(credits) + w.address * bool(address)
                - w.polite * polite_chars / total)
+        # Questioning is a trace of Socrates' voice even in polite speech (rubric level 1), so a
+        # polite reply that asks ranks above a polite one that explains.
+        asking = w.asking * sum(self._asks(sentences)[0]) / len(sentences)
+        if asking > raw:
+            notes.append("polite or plain, but asks: a trace of Socrates' voice")
+            raw = asking
         # Other scripts dilute the voice: a stray word costs little here (format takes the main
         # penalty), a mostly English reply loses the tone.
-        return _clip(4.0 * min(1.0, raw) * min(1.0, ja_share / 0.8))
+        return _clip(4.0 * min(1.0, raw) * min(1.0, readable / 0.8))
+
+    def _asks(self, sentences: list[_Sentence]) -> tuple[list[bool], list[list[_Rule]]]:
+        """Which sentences ask a question, and the suggestion markers found in each: a
+        suggestion put as a question (〜てはいかがでしょうか？) gives advice, it does not ask."""
+        marks = self.profile.approach.question_marks
+        suggested = [_found(self._suggestions, _own(s.morphs)) for s in sentences]
+        asks = [not hints and (bool(s.closer) and s.closer in marks
+                               or _best_ending(self._questions, s.morphs) is not None)
+                for s, hints in zip(sentences, suggested)]
+        return asks, suggested
 
     def _approach(self, sentences: list[_Sentence], notes: list[str]) -> float:
         rules, w = self.profile.approach, self.profile.approach.weights
-        asks = [bool(s.closer) and s.closer in rules.question_marks
-                or _best_ending(self._questions, s.morphs) is not None for s in sentences]
+        asks, suggested = self._asks(sentences)
         statements = [s for s, a in zip(sentences, asks) if not a]
         notes.append(f"{sum(asks)} of {len(sentences)} sentences ask a question")
         score = w.base
@@ -506,29 +593,43 @@ class StyleScorer:
             notes.append("invites the user to think along")
         for kind, found_rules, each, cap in (("lecturing", self._lecturing, w.lecturing, w.lecturing_max),
                                              ("answer-giving", self._answers, w.answer_giving, w.answer_giving_max)):
-            hits = [r for s in statements for r in _found(found_rules, s.morphs)]
+            hits = [r for s in statements for r in _found(found_rules, _own(s.morphs))]
             notes.extend(f"{kind} marker {name}" for name in dict.fromkeys(r[0] for r in hits))
             score -= min(cap, each * sum(r[1] for r in hits))
+        hints = [r for found in suggested for r in found]
+        notes.extend(f"suggestion marker {name}" for name in dict.fromkeys(r[0] for r in hints))
+        score -= min(w.suggestion_max, w.suggestion * sum(r[1] for r in hints))
         told = sum(len(s.text) for s in statements)
         if told > rules.lecture_chars:
             notes.append(f"statements run {told} characters")
             score -= w.long_explanation * min(1.0, (told - rules.lecture_chars) / 200)
+        share = told / sum(len(s.text) for s in sentences)
+        if any(asks) and share > rules.afterthought_share:
+            # The question is an afterthought when statements make up most of the reply (a
+            # Socratic framing sentence or two before the question stays below the threshold).
+            notes.append(f"statements are {share:.0%} of the text")
+            score -= w.statement_share * (share - rules.afterthought_share) / (1 - rules.afterthought_share)
         return _clip(score)
 
     def _content(self, sentences: list[_Sentence]) -> list[str]:
         return [m.norm for s in sentences for m in s.morphs
                 if any(m.pos[:len(p)] == p for p in self._content_pos) and m.norm not in self._stop]
 
-    def _logic(self, sentences: list[_Sentence], clean: str, prompt: str | None, notes: list[str]) -> float:
+    def _logic(self, sentences: list[_Sentence], clean: str, prompt: str | None,
+               notes: list[str]) -> tuple[float, float]:
+        """Logic score, and how degenerate the text is in [0, 1]: the points lost to loops,
+        stutter, junk and unknown words over the profile's ``degenerate_at``."""
         pen = self.profile.logic.penalties
         morphs = [m for s in sentences for m in s.morphs if m.pos[0] not in _SKIP]
         issues: list[tuple[float, str]] = []  # (points lost, evidence)
+        degenerate = 0.0
         if len(morphs) < 4:
             issues.append((pen.too_short, f"only {len(morphs)} word(s)"))
         # Word salad has neither a predicate nor a final particle (何かね has no verb but is fine).
         if not any(m.pos[0] in ("動詞", "形容詞", "助動詞", "形状詞") or m.pos[1] == "終助詞"
                    for m in morphs):
             issues.append((pen.no_predicate, "no predicate (verb, adjective, copula or final particle)"))
+            degenerate += pen.no_predicate
         tail = sentences[-1].morphs[-1]
         if not sentences[-1].closer and not (tail.pos[1] == "終助詞" or tail.pos[0] in ("感動詞", "接続詞")
                                              or tail.pos[5].startswith(("終止形", "命令形"))):
@@ -537,15 +638,36 @@ class StyleScorer:
         if len(texts) > len(set(texts)):
             repeats = len(texts) - len(set(texts))
             issues.append((pen.repeated_sentence * repeats, f"{repeats} repeated sentence(s)"))
+            degenerate += pen.repeated_sentence * repeats
         grams = [tuple(m.surface for m in morphs[i:i + 4]) for i in range(len(morphs) - 3)]
         repeated = 1 - len(set(grams)) / len(grams) if len(grams) >= 8 else 0.0
         if repeated > 0.1:
             issues.append((pen.repetition * (repeated - 0.1), f"{repeated:.0%} of 4-word windows repeat (loop)"))
+            degenerate += pen.repetition * (repeated - 0.1)
+        # Stutter: a word or two said again at once (君、君、君は / 嫌いな、嫌いな); particles and
+        # auxiliaries alone do not count.
+        surfaces = [m.surface for m in morphs]
+        stutters = sum(surfaces[i:i + n] == surfaces[i + n:i + 2 * n]
+                       and (n > 1 or morphs[i].pos[0] not in ("助詞", "助動詞"))
+                       for n in (1, 2, 3) for i in range(len(surfaces) - 2 * n + 1))
+        if stutters:
+            lost = pen.stutter * min(1.0, stutters / 4)
+            issues.append((lost, f"{stutters} word(s) repeated at once (stutter)"))
+            degenerate += lost
         if _CHAR_RUN.search(clean):
             issues.append((pen.char_run, "one character repeated six or more times"))
+            degenerate += pen.char_run
         unknown = sum(m.oov for m in morphs) / max(1, len(morphs))
         if unknown:
             issues.append((pen.unknown_words * unknown, f"{unknown:.0%} of words unknown to the dictionary"))
+            degenerate += pen.unknown_words * unknown
+        if prompt and prompt.strip():
+            # Echo: the reply says the user's message back (a failure of small tuned models).
+            alike = SequenceMatcher(None, _core(prompt), _core(clean), autojunk=False).ratio()
+            if alike > self.profile.logic.echo_from:
+                lost = pen.echo * min(1.0, (alike - self.profile.logic.echo_from) / (1 - self.profile.logic.echo_from))
+                issues.append((lost, f"repeats the user's message ({alike:.0%} alike)"))
+                degenerate += lost
         asked = set(self._content(_sentences(prompt))) if prompt and prompt.strip() else set()
         wanted = min(self.profile.logic.overlap_wanted, len(asked))
         if wanted:
@@ -554,7 +676,7 @@ class StyleScorer:
                          + (f" ({', '.join(shared[:5])})" if shared else ""))
             issues.append((pen.no_overlap * (1 - min(len(shared), wanted) / wanted), ""))
         notes.extend(note for _, note in issues if note)
-        return _clip(4.0 - sum(lost for lost, _ in issues))
+        return _clip(4.0 - sum(lost for lost, _ in issues)), min(1.0, degenerate / self.profile.logic.degenerate_at)
 
 
 # --- batch helpers and the `socratune score` back end ----------------------------------------
