@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError, RunDirError
+from .generate import GenParams
+from .judge import Judge
 from .rundir import (
     CHECKPOINT_PREFIX,
     RunDir,
@@ -183,7 +185,7 @@ def select_subjects(run: RunDir, checkpoints: str = "all") -> tuple[list[Subject
 
 
 def converse(model: Any, tokenizer: Any, prompts: list[EvalPrompt], turns: int, script: list[str],
-             params: Any, batch_size: int) -> list[list[dict[str, str]]]:
+             params: GenParams, batch_size: int) -> list[list[dict[str, str]]]:
     """Each prompt's dialogue: the model's reply, then ``turns`` more scripted exchanges."""
     from .data import BOT
     from .generate import generate_replies
@@ -200,7 +202,8 @@ def converse(model: Any, tokenizer: Any, prompts: list[EvalPrompt], turns: int, 
 
 
 def generate_dialogues(run: RunDir, subjects: list[Subject], prompts: list[EvalPrompt], turns: int,
-                       script: list[str], params: Any, batch_size: int, seed: int) -> dict[str, list[list[dict]]]:
+                       script: list[str], params: GenParams, batch_size: int,
+                       seed: int) -> dict[str, list[list[dict]]]:
     """Dialogues of every subject; the base is loaded once and adapters are swapped on it."""
     import torch
 
@@ -551,15 +554,13 @@ def _publish(staged: Path, final: Path) -> Path | None:
 
 def evaluate(run_dir: str | Path, *, prompts_path: str | Path | None = None, limit: int | None = None,
              checkpoints: str = "all", turns: int = 0, max_new_tokens: int = 128, batch_size: int = 8,
-             seed: int = 0, profile: StyleProfile | str | Path | None = None, judge: Any = None,
+             seed: int = 0, profile: StyleProfile | str | Path | None = None, judge: Judge | None = None,
              judge_workers: int = 4) -> EvaluationResult:
     """Run the whole evaluation of one run directory and write its report (see the module doc).
 
-    ``judge`` is a ``judge.Judge`` or None. Holds the run's lock, so it never runs beside
+    ``judge`` also rates every reply when given. Holds the run's lock, so it never runs beside
     training or another evaluation of the same run.
     """
-    from .generate import GenParams
-
     run = RunDir(run_dir)
     if not run.exists():
         raise RunDirError(f"{run.path} does not exist")
