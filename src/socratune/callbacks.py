@@ -1,4 +1,5 @@
-"""Trainer callbacks: style of generated replies, the training monitor, and checkpoint manifests.
+"""Trainer callbacks: style of generated replies, the training monitor, checkpoint manifests and
+rotation, and stopping cleanly on a signal.
 
 They extend the transformers ``Trainer`` through its callback API only. Evaluation metrics are
 logged by the Trainer *before* ``on_evaluate`` runs, so the style callback adds its
@@ -13,6 +14,9 @@ from __future__ import annotations
 import csv
 import gc
 import logging
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .generate import GenParams, generate_replies
-from .rundir import checkpoint_step, write_manifest
+from .rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
 from .style import StyleScorer, summarize
 
 logger = logging.getLogger("socratune")
@@ -80,14 +84,71 @@ class StyleCallback(TrainerCallback):
             state.log_history[-1].update(style)
 
 
-class ManifestCallback(TrainerCallback):
-    """Close every checkpoint the Trainer saves with a manifest of sizes and checksums."""
+class CheckpointCallback(TrainerCallback):
+    """Close every checkpoint the Trainer saves with a manifest of sizes and checksums, then keep
+    only the newest ``keep`` of them.
+
+    Rotation happens here rather than in the Trainer (``save_total_limit``), because the Trainer
+    deletes old checkpoints before the new one is closed: a kill at that moment would leave no
+    checkpoint to resume from.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if checkpoint.is_dir() and checkpoint_step(checkpoint) == state.global_step:
-                write_manifest(checkpoint)
+        if not state.is_world_process_zero:
+            return
+        checkpoints = Path(args.output_dir)
+        newest = checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if not newest.is_dir():
+            return
+        write_manifest(newest)
+        closed = sorted((p for p in checkpoints.iterdir() if checkpoint_step(p) is not None
+                         and (p / MANIFEST).is_file()), key=checkpoint_step)
+        for old in closed[: max(0, len(closed) - self.keep)]:
+            if old != newest:
+                shutil.rmtree(old)
+                logger.info("removed %s (keeping the newest %d checkpoints)", old.name, self.keep)
+
+
+class StopOnSignal(TrainerCallback):
+    """Turn SIGTERM and SIGINT during training into "save a checkpoint at this step, then stop".
+
+    The handler only sets a flag; the Trainer saves at the end of the optimizer step under way,
+    so the checkpoint sits on a step boundary and resumes exactly. A second SIGINT falls back to
+    Python's default (KeyboardInterrupt) for a user who really wants out now.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signal_number: int, frame: Any) -> None:
+        self.received = signal_number
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logger.warning("received %s: saving a checkpoint at the end of this step, then stopping",
+                       signal.Signals(signal_number).name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the previous handlers back (also called when training raised)."""
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)
+        self._previous = {}
 
 
 class TrainingMonitorCallback(TrainerCallback):

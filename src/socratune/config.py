@@ -194,11 +194,15 @@ def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> Config:
     """Build the run config from a preset, an optional YAML file and dotted-key overrides.
 
     The preset is chosen by ``preset`` if given, else by the file's ``preset:`` key, else
-    ``tiny``. Raises ConfigError naming the file, the bad key and the allowed values.
+    ``tiny``. ``recorded`` is the config an existing run directory was trained with: unless a
+    preset is named, it replaces the preset as the bottom layer, so ``train --output RUN``
+    continues with the values the run started with. Raises ConfigError naming the file, the bad
+    key and the allowed values.
     """
     file_data: dict[str, Any] = {}
     source = "flags"
@@ -209,8 +213,13 @@ def load_config(
             file_data = _read_yaml(path.read_text(encoding="utf-8"), source)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    preset_name = preset or file_data.get("preset") or DEFAULT_PRESET
-    merged = _merge(_preset_dict(str(preset_name)), file_data)
+    named_preset = preset or file_data.get("preset")
+    if recorded is not None and not named_preset:
+        preset_name, base = recorded.get("preset", DEFAULT_PRESET), recorded
+    else:
+        preset_name = named_preset or DEFAULT_PRESET
+        base = _preset_dict(str(preset_name))
+    merged = _merge(base, file_data)
     merged = _merge(merged, _dotted_to_nested(overrides or {}))
     merged["preset"] = preset_name
     try:

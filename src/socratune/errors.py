@@ -44,3 +44,16 @@ class ModelError(SocratuneError):
     """A base model or adapter could not be loaded or does not fit the request."""
 
     exit_code = 2
+
+
+class TrainingInterrupted(SocratuneError):
+    """SIGTERM or SIGINT stopped training after a checkpoint was saved; the run can be resumed.
+
+    Exit code 128 + signal number, as a shell reports a process ended by that signal.
+    """
+
+    def __init__(self, message: str, signal_number: int, run_dir: str, step: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+        self.run_dir = run_dir
+        self.step = step

@@ -11,7 +11,9 @@ Layout::
       metrics.csv, plots/    training monitor output
       train.log              log file
       base/                  the built-in tiny base model (only for model "tiny")
+      run.json               data fingerprint the run is bound to; every start with its allowed changes
       checkpoints/checkpoint-N/   Trainer checkpoints, each closed by manifest.json
+      checkpoints-set-aside/ checkpoints newer than a resume point, moved here rather than deleted
       adapter/               final adapter + tokenizer (plain PEFT loads it)
       training_summary.json  written last: its presence with ``finished: true`` means done
 
@@ -32,6 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import RunDirError
 
 CONFIG_YAML = "config.yaml"
@@ -45,6 +49,8 @@ PLOTS = "plots"
 BASE = "base"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+RUN_RECORD = "run.json"
+SET_ASIDE = "checkpoints-set-aside"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -168,6 +174,11 @@ class RunDir:
         return self.path / ADAPTER
 
     @property
+    def staging_dir(self) -> Path:
+        """Where the final adapter is written before it is renamed into place."""
+        return self.path / f".{ADAPTER}.staging"
+
+    @property
     def base_dir(self) -> Path:
         return self.path / BASE
 
@@ -201,14 +212,29 @@ class RunDir:
         return self.read_json(SUMMARY)
 
     def is_finished(self) -> bool:
-        """Finished = final adapter saved and the summary records every planned step done."""
+        """Finished = final adapter saved, the summary records every planned step done, and no
+        longer run has been started since (a finished run continued for more epochs and then
+        interrupted keeps its old summary until the new one replaces it)."""
         summary = self.summary()
+        planned = self._planned_epochs()
         return bool(
             summary
             and summary.get("finished")
             and summary.get("global_step") == summary.get("total_steps")
+            and summary.get("epochs", planned) >= planned
             and (self.adapter_dir / "adapter_config.json").exists()
         )
+
+    def _planned_epochs(self) -> float:
+        try:
+            recorded = yaml.safe_load((self.path / CONFIG_YAML).read_text(encoding="utf-8"))
+            return float(recorded["train"]["epochs"])
+        except (FileNotFoundError, yaml.YAMLError, KeyError, TypeError, ValueError):
+            return 0.0
+
+    def lock_holder(self) -> int | None:
+        """The pid of a live process holding this run's lock, or None."""
+        return _lock_holder(self.path / LOCK)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -267,10 +293,10 @@ def run_status(run: RunDir) -> dict[str, Any]:
     summary = run.summary() if run.is_finished() else None
     history = (state or {}).get("log_history", [])
     evals = [e for e in history if "eval_loss" in e]
-    if summary:
-        label = "finished"
-    elif _lock_holder(run.path / LOCK) is not None:
+    if run.lock_holder() is not None:
         label = "running"
+    elif summary:
+        label = "finished"
     elif latest is not None or (run.path / CONFIG_YAML).exists():
         label = "interrupted"
     else:

@@ -9,6 +9,8 @@ the run directory keeps it); nothing here prints or exits.
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,13 @@ from .config import Config, dump_yaml
 from .data import (
     Dialogue,
     ValidationReport,
+    dataset_fingerprint,
     load_dialogues,
     require_usable,
     write_rejections,
 )
-from .errors import RunDirError
+from .errors import RunDirError, TrainingInterrupted
+from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
 from .rundir import (
     CONFIG_YAML,
     LOG,
@@ -113,19 +117,33 @@ def load_tokenizer_for(config: Config) -> Any:
     return load_tokenizer(resolve_model_source(config.model.name_or_path, Path()), config.model.trust_remote_code)
 
 
-def train(config: Config, *, resume_from: str | None = None, show_example_first: bool = False) -> TrainResult:
-    """Run (or resume, or recognise as finished) the training described by ``config``."""
+def train(config: Config, *, resume_from: str | None = None, show_example_first: bool = False,
+          overwrite: bool = False, delete_old: bool = False, allow_config_change: bool = False) -> TrainResult:
+    """Run, resume, continue or recognise as finished the training described by ``config``.
+
+    ``overwrite`` moves an existing run aside (``RUN.old-TIMESTAMP``) and starts over;
+    ``delete_old`` removes that moved-aside run once the new one has finished.
+    Raises RunDirError for a refused start (in use, guarded settings changed), DataError for
+    unusable data and TrainingInterrupted after SIGTERM/SIGINT saved a checkpoint.
+    """
     started = time.perf_counter()
     run = RunDir(config.run.output_dir)
+    data_path = Path(config.data.path) if config.data.path else bundled_data_path()
+    fingerprint = dataset_fingerprint(data_path)
 
-    # 1. A finished run is not trained again.
-    if run.is_finished() and resume_from is None:
+    # 1. New, resume or finished: decided from files on disk, before anything is written.
+    plan = StartPlan("new") if overwrite else plan_start(run, config.to_dict(), fingerprint, resume_from,
+                                                         allow_config_change)
+    if plan.kind == "finished":
         return TrainResult(run.path, True, run.summary() or {})
+    for change in plan.guarded_changes:
+        logger.warning("continuing with a changed setting (--allow-config-change): %s", change)
 
     # 2. Data: load, validate, template and tokenize, all before anything is written.
     tokenizer = load_tokenizer_for(config)
     report, examples = prepare_examples(config, tokenizer)
     logger.info(report.summary())
+    moved_aside = move_aside(run) if overwrite and run.exists() else None
     split = decide_split(run, report.kept, config)
     train_dialogues, eval_dialogues = apply_split(split, report.kept)
     by_id = {e.dialogue_id: e for e in examples}
@@ -136,18 +154,29 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
         # 3. The run directory: config, rejected rows and the split are on disk before training.
         log_handler = _attach_log_file(run / LOG)
         try:
+            prepare_resume(run, plan.checkpoint)
+            record_start(run, plan, str(data_path), fingerprint)
             write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
             write_rejections(report.rejections, run / REJECTED)
             save_split(split, run / SPLIT)
             logger.info("split: %d train, %d eval, %d held out (seed %d)",
                         len(split.train), len(split.eval), len(split.held_out), split.seed)
+            if plan.checkpoint:
+                logger.info("%s from %s", "continuing the finished run for more epochs" if plan.more_epochs
+                            else "resuming", plan.checkpoint)
             if show_example_first:
                 logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, train_examples[0]))
-            return _fit(config, run, tokenizer, report, split, train_examples, eval_examples,
-                        reply_prompts(eval_dialogues), resume_from, started)
+            result = _fit(config, run, tokenizer, report, split, train_examples, eval_examples,
+                          reply_prompts(eval_dialogues), plan.checkpoint, started)
         finally:
             logging.getLogger("socratune").removeHandler(log_handler)
             log_handler.close()
+    if moved_aside is not None and delete_old:
+        shutil.rmtree(moved_aside)
+        result.notes.append(f"deleted the previous run {moved_aside}")
+    elif moved_aside is not None:
+        result.notes.append(f"the previous run is kept in {moved_aside}")
+    return result
 
 
 def _attach_log_file(path: Path) -> logging.Handler:
@@ -159,9 +188,10 @@ def _attach_log_file(path: Path) -> logging.Handler:
 
 def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, split: Split,
          train_examples: list[Example], eval_examples: list[Example],
-         eval_conversations: list[list[dict[str, str]]], resume_from: str | None, started: float) -> TrainResult:
+         eval_conversations: list[list[dict[str, str]]], resume: Path | None, started: float) -> TrainResult:
     from .callbacks import (
-        ManifestCallback,
+        CheckpointCallback,
+        StopOnSignal,
         StyleCallback,
         TrainingMonitorCallback,
         resource_usage,
@@ -170,7 +200,11 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
     from .style import StyleScorer, load_profile
     from .trainer import build_trainer, summarize_run
 
-    # 4. Model: base (4-bit for QLoRA) plus a fresh LoRA adapter.
+    # 4. Model: base (4-bit for QLoRA) plus a fresh LoRA adapter, its random init drawn from the
+    #    run's seed so two runs of one config start from the same weights.
+    from transformers import set_seed
+
+    set_seed(config.train.seed)
     hardware = detect_hardware()
     source = resolve_model_source(config.model.name_or_path, run.base_dir)
     base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
@@ -190,19 +224,27 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
     style = StyleCallback(eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
                           config.train.eval_batch_size)
     monitor = TrainingMonitorCallback(run / METRICS, run / PLOTS)
-    resume = _resume_checkpoint(run, resume_from)
+    stop = StopOnSignal()
     trainer = build_trainer(config, hardware, model, tokenizer, run.checkpoints_dir, train_examples, eval_examples,
-                            callbacks=[style, monitor, ManifestCallback()], fresh=resume is None)
+                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit), stop],
+                            fresh=resume is None)
 
-    # 6. Train.
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # 6. Train; SIGTERM/SIGINT end it early with a checkpoint at the step reached.
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.restore()
+    if stop.received is not None:
+        raise TrainingInterrupted(f"training stopped by {signal.Signals(stop.received).name} at step "
+                                  f"{trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved",
+                                  stop.received, str(run.path), trainer.state.global_step)
 
     # 7. Final adapter + tokenizer, staged then renamed into place; config and summary last.
-    staged = run.path / f".{run.adapter_dir.name}.staging"
-    model.save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
-    replace_dir_atomic(staged, run.adapter_dir)
+    model.save_pretrained(run.staging_dir)
+    tokenizer.save_pretrained(run.staging_dir)
+    replace_dir_atomic(run.staging_dir, run.adapter_dir)
     summary = summarize_run(trainer.state, run / METRICS, hardware, time.perf_counter() - started)
+    summary["epochs"] = config.train.epochs
     write_json_atomic(run / TRAINING_CONFIG, _training_config(config, source, trainer, report, split, hardware))
 
     # 8. Reload the saved adapter from disk and answer one held-out prompt: a broken bundle fails here.
@@ -217,31 +259,10 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
     return TrainResult(run.path, False, summary, prompt[-1]["content"], reply)
 
 
-def _resume_checkpoint(run: RunDir, resume_from: str | None) -> Path | None:
-    from .rundir import checkpoint_problem
-
-    if resume_from:
-        checkpoint = Path(resume_from)
-        if not checkpoint.is_dir():
-            checkpoint = run.checkpoints_dir / resume_from
-        problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "does not exist"
-        if problem:
-            raise RunDirError(f"cannot resume from {checkpoint}: {problem}")
-        return checkpoint
-    checkpoint, invalid = run.latest_valid_checkpoint()
-    for path, problem in invalid:
-        logger.warning("skipping checkpoint %s: %s", path, problem)
-    if checkpoint:
-        logger.info("resuming from %s", checkpoint)
-    return checkpoint
-
-
 def _training_config(config: Config, source: str, trainer: Any, report: ValidationReport, split: Split,
                      hardware: Any) -> dict[str, Any]:
     """Everything needed to understand or repeat the run; holds no token or secret."""
     from importlib.metadata import version
-
-    from .data import dataset_fingerprint
 
     args = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
     return {

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .callbacks import release_memory
 from .config import Config
@@ -20,9 +21,41 @@ from .template import IGNORE_INDEX, Example, PaddingCollator
 SCHEDULER_KWARGS = {"cosine_with_restarts": {"num_cycles": 1}}
 
 
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from ``(seed, epoch)`` alone.
+
+    transformers' sampler draws from the global torch RNG, so a run resumed in the middle of an
+    epoch (RNG restored to the checkpoint's state, not the epoch's start) would see a different
+    order than the run it continues. The Trainer calls ``set_epoch`` before every epoch.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class SocratuneTrainer(Trainer):
     """Releases accelerator memory after every evaluation (the eval pass leaves its activations and
-    logits cached, which on a 16 GB GPU is the difference between fitting and not)."""
+    logits cached, which on a 16 GB GPU is the difference between fitting and not), and groups
+    by length with an order that survives resuming."""
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        [len(feature["input_ids"]) for feature in dataset], self.args.data_seed)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         try:
@@ -70,7 +103,7 @@ def training_arguments(config: Config, hardware: Any, output_dir: Path, fresh: b
         eval_on_start=fresh,  # "initial" eval loss and style, before the first optimizer step
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CheckpointCallback rotates, after the new checkpoint's manifest is written
         logging_steps=t.logging_steps,
         train_sampling_strategy=t.sampling,
         include_num_input_tokens_seen="non_padding",
