@@ -44,3 +44,12 @@ def default_run(tmp_path_factory) -> Path:
 def default_run_copy(default_run, tmp_path) -> Path:
     """A private copy of the default run that a test may modify."""
     return Path(shutil.copytree(default_run, tmp_path / "run", symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def default_model(default_run):
+    """``(model, tokenizer)``: the default run's base with its final adapter, loaded once for every
+    test that generates in-process. Read-only: a test must not train, merge or move it."""
+    from socratune.modeling import load_for_inference
+
+    return load_for_inference(default_run)

@@ -103,7 +103,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def run_with_fault(fault: str, step: int, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(DRIVER), fault, str(step), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(DRIVER), fault, str(step), *args], capture_output=True, text=True, check=False,
                           env=env, timeout=600)
 
 
@@ -214,7 +214,7 @@ def test_changed_data_or_lora_is_refused_listing_each_difference(small_inputs, r
 
 def test_harmless_changes_are_allowed_and_recorded(small_inputs, reference_run, tmp_path):
     run = unfinished_copy(reference_run, tmp_path / "run", keep_up_to_step=12)
-    config, data = small_inputs
+    _, data = small_inputs
     cadence = tmp_path / "cadence.yaml"
     cadence.write_text(SMALL_CONFIG.replace("logging_steps: 2", "logging_steps: 1"), encoding="utf-8")
     assert main(["train", "--config", str(cadence), "--data", str(data), "--output", str(run)]) == 0

@@ -116,3 +116,50 @@ def test_qlora_run_trains_a_4bit_base(tmp_path):
     assert result.summary["finished"]
     model, _ = load_for_inference(result.run_dir)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_validate_reports_each_rejection_and_writes_the_rejected_file(tmp_path, capsys):
+    good = {"messages": [{"role": "user", "content": "勇気とは何でしょうか？"},
+                         {"role": "model", "content": "では、君は勇気をどこで見たことがあるのかね？"}]}
+    long_reply = {"messages": [{"role": "user", "content": "長い話をしてください。"},
+                               {"role": "model", "content": "問いとは何かね？" * 400}]}
+    lines = [json.dumps(good, ensure_ascii=False), '{"messages": [{"role": "teacher", "content": "x"}]}',
+             "not json", json.dumps(long_reply, ensure_ascii=False)]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rejected = tmp_path / "rejected.jsonl"
+
+    assert main(["validate", str(data), "--rejected", str(rejected)]) == 0
+
+    out = capsys.readouterr().out
+    assert "1 dialogues kept, 3 rejected" in out
+    assert "bad_role 1" in out and "invalid_json 1" in out and "too_long 1" in out
+    assert "mixed.jsonl:3" in out  # the unparsable row is named by file and line
+    assert "1 dialogues ready to train" in out
+    rows = [json.loads(line) for line in rejected.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["reason"] for r in rows) == ["bad_role", "invalid_json", "too_long"]
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  learning_rat: 1e-4\n", encoding="utf-8")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rat" in err and "learning_rate" in err
+    assert main(["train", "--preset", "gemma", "--output", str(tmp_path / "run")]) == 2
+    assert "gemma2-2b-jpn-qlora" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_show_example_logs_the_trained_tokens_marked(tmp_path, capsys):
+    from socratune.train import bundled_data_path
+
+    data = tmp_path / "few.json"
+    data.write_text(json.dumps(json.loads(bundled_data_path().read_text(encoding="utf-8"))[:12],
+                               ensure_ascii=False), encoding="utf-8")
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
+                 "--show-example"]) == 0
+    err = capsys.readouterr().err
+    shown = err.split("example with trained tokens marked ⟦…⟧:")[1]
+    assert "⟦" in shown and "⟧" in shown
+    assert "<start_of_turn>user" in shown.split("⟦")[0]  # the user turn comes before, unmarked

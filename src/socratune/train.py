@@ -189,6 +189,8 @@ def _attach_log_file(path: Path) -> logging.Handler:
 def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, split: Split,
          train_examples: list[Example], eval_examples: list[Example],
          eval_conversations: list[list[dict[str, str]]], resume: Path | None, started: float) -> TrainResult:
+    from transformers import set_seed
+
     from .callbacks import (
         CheckpointCallback,
         StopOnSignal,
@@ -202,8 +204,6 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
 
     # 4. Model: base (4-bit for QLoRA) plus a fresh LoRA adapter, its random init drawn from the
     #    run's seed so two runs of one config start from the same weights.
-    from transformers import set_seed
-
     set_seed(config.train.seed)
     hardware = detect_hardware()
     source = resolve_model_source(config.model.name_or_path, run.base_dir)
