@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .distributed import SINGLE_PROCESS, Ranks
 from .generate import GenParams, generate_replies
 from .rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
 from .style import StyleScorer, summarize
@@ -93,17 +94,19 @@ class CheckpointCallback(TrainerCallback):
     checkpoint to resume from.
     """
 
-    def __init__(self, keep: int):
+    def __init__(self, keep: int, ranks: Ranks = SINGLE_PROCESS):
         self.keep = keep
+        self.ranks = ranks
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        self.ranks.barrier()  # every process has written its RNG state before the manifest lists the files
+        if not self.ranks.is_main:
             return
         checkpoints = Path(args.output_dir)
         newest = checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}"
         if not newest.is_dir():
             return
-        write_manifest(newest)
+        write_manifest(newest, self.ranks.world_size)
         closed = sorted((p for p in checkpoints.iterdir() if checkpoint_step(p) is not None
                          and (p / MANIFEST).is_file()), key=checkpoint_step)
         for old in closed[: max(0, len(closed) - self.keep)]:
@@ -117,12 +120,15 @@ class StopOnSignal(TrainerCallback):
 
     The handler only sets a flag; the Trainer saves at the end of the optimizer step under way,
     so the checkpoint sits on a step boundary and resumes exactly. A second SIGINT falls back to
-    Python's default (KeyboardInterrupt) for a user who really wants out now.
+    Python's default (KeyboardInterrupt) for a user who really wants out now. With several
+    processes the flag is shared at every step, so all of them stop at the same step even when
+    only one was signalled.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, ranks: Ranks = SINGLE_PROCESS):
+        self.ranks = ranks
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -137,7 +143,8 @@ class StopOnSignal(TrainerCallback):
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self.ranks.any_flag(self.received is not None):
+            self.received = self.received or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
 

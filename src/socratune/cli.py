@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"error: {exc}\nresume with: {_resume_command(exc.run_dir)}", file=sys.stderr)
         return exc.exit_code
+    if not result.main_process:
+        return 0
     run = str(result.run_dir)
     for note in result.notes:
         print(note)
@@ -376,7 +379,12 @@ def _setup_logging(quiet: bool) -> None:
         log.removeHandler(previous)  # main() called again in one process (tests, notebooks)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name("socratune-cli")
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: name the rank; others warn only
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+        quiet = quiet or rank != 0
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.addHandler(handler)
     log.setLevel(logging.INFO)  # train.log always gets everything

@@ -59,6 +59,7 @@ HARMLESS_KEYS = frozenset({
     "style.max_new_tokens",
 })
 DATA_KEY = "data content"
+WORLD_KEY = "training processes (world size)"
 
 
 @dataclass
@@ -121,7 +122,7 @@ def resolve_checkpoint(run: RunDir, name: str) -> Path:
 
 
 def plan_start(run: RunDir, config: dict[str, Any], data_fingerprint: str, resume_from: str | None,
-               allow_config_change: bool) -> StartPlan:
+               allow_config_change: bool, world_size: int = 1) -> StartPlan:
     """Decide new / resume / finished for ``run`` and apply the guard; reads only, writes nothing.
 
     Raises RunDirError when the run is in use by a live process, or when a guarded setting
@@ -141,6 +142,9 @@ def plan_start(run: RunDir, config: dict[str, Any], data_fingerprint: str, resum
     recorded_fingerprint = record.get("data", {}).get("fingerprint")
     if recorded_fingerprint and recorded_fingerprint != data_fingerprint:
         guarded.append(f"{DATA_KEY}: sha256 {recorded_fingerprint[:12]}… -> {data_fingerprint[:12]}…")
+    recorded_world = (record.get("starts") or [{}])[-1].get("world_size", 1)
+    if recorded_world != world_size:  # per-process data shards and RNG states would not line up
+        guarded.append(f"{WORLD_KEY}: {recorded_world} -> {world_size}")
     if guarded and not allow_config_change:
         shown = "\n  ".join(guarded)
         raise RunDirError(f"{run.path} was trained with different settings; continuing would mix two runs:\n"
@@ -222,7 +226,7 @@ def move_aside(run: RunDir) -> Path:
     return target
 
 
-def record_start(run: RunDir, plan: StartPlan, data_path: str, data_fingerprint: str) -> None:
+def record_start(run: RunDir, plan: StartPlan, data_path: str, data_fingerprint: str, world_size: int = 1) -> None:
     """Append this start to ``run.json``: the data the run is bound to and every change allowed."""
     record = run.read_json(RUN_RECORD) or {"data": {"path": data_path, "fingerprint": data_fingerprint}, "starts": []}
     if plan.guarded_changes:
@@ -230,6 +234,7 @@ def record_start(run: RunDir, plan: StartPlan, data_path: str, data_fingerprint:
     record["starts"].append({
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "pid": os.getpid(),
+        "world_size": world_size,
         "kind": "continue" if plan.more_epochs else plan.kind,
         "from_checkpoint": plan.checkpoint.name if plan.checkpoint else None,
         "harmless_changes": plan.harmless_changes,

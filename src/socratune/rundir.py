@@ -54,7 +54,7 @@ SET_ASIDE = "checkpoints-set-aside"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-# Files a Trainer checkpoint must hold to resume exactly (rng_state*.pth is checked separately).
+# Files a Trainer checkpoint must hold to resume exactly (RNG state files are checked per process).
 CHECKPOINT_REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
                        "scheduler.pt")
 
@@ -112,15 +112,22 @@ def checkpoint_step(path: Path) -> int | None:
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
-def write_manifest(checkpoint: Path) -> None:
+def write_manifest(checkpoint: Path, world_size: int = 1) -> None:
     """Record size and checksum of every file of a finished checkpoint; written last, so a
-    checkpoint without a valid manifest is one whose writing did not complete."""
+    checkpoint without a valid manifest is one whose writing did not complete. ``world_size``
+    is the number of training processes (one RNG state file each)."""
     files = {
         str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": file_digest(p)}
         for p in sorted(checkpoint.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    write_json_atomic(checkpoint / MANIFEST, {"step": checkpoint_step(checkpoint), "files": files})
+    write_json_atomic(checkpoint / MANIFEST,
+                      {"step": checkpoint_step(checkpoint), "world_size": world_size, "files": files})
+
+
+def _rng_state_files(world_size: int) -> list[str]:
+    """The Trainer's RNG state file names: one, or one per process in a distributed run."""
+    return ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -136,8 +143,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     for name in CHECKPOINT_REQUIRED:
         if name not in recorded:
             return f"{name} is missing"
-    if not any(name.startswith("rng_state") for name in recorded):
-        return "rng_state file is missing"
+    for name in _rng_state_files(int(manifest.get("world_size", 1))):
+        if name not in recorded:
+            return f"{name} is missing"
     for name, expected in recorded.items():
         path = checkpoint / name
         if not path.is_file():

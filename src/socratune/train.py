@@ -8,6 +8,7 @@ the run directory keeps it); nothing here prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
@@ -25,6 +26,7 @@ from .data import (
     require_usable,
     write_rejections,
 )
+from .distributed import Ranks
 from .errors import RunDirError, TrainingInterrupted
 from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
 from .rundir import (
@@ -64,6 +66,7 @@ class TrainResult:
     sample_prompt: str | None = None
     sample_reply: str | None = None
     notes: list[str] = field(default_factory=list)
+    main_process: bool = True  # False on the other processes of a distributed run: they print nothing
 
 
 def bundled_data_path() -> Path:
@@ -128,14 +131,16 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     """
     started = time.perf_counter()
     run = RunDir(config.run.output_dir)
+    ranks = Ranks.from_env()  # under torchrun / accelerate launch: main decides and writes, all train
+    ranks.start()
     data_path = Path(config.data.path) if config.data.path else bundled_data_path()
     fingerprint = dataset_fingerprint(data_path)
 
     # 1. New, resume or finished: decided from files on disk, before anything is written.
-    plan = StartPlan("new") if overwrite else plan_start(run, config.to_dict(), fingerprint, resume_from,
-                                                         allow_config_change)
+    plan = ranks.decide(lambda: StartPlan("new") if overwrite else plan_start(
+        run, config.to_dict(), fingerprint, resume_from, allow_config_change, ranks.world_size))
     if plan.kind == "finished":
-        return TrainResult(run.path, True, run.summary() or {})
+        return TrainResult(run.path, True, run.summary() or {}, main_process=ranks.is_main)
     for change in plan.guarded_changes:
         logger.warning("continuing with a changed setting (--allow-config-change): %s", change)
 
@@ -143,40 +148,46 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     tokenizer = load_tokenizer_for(config)
     report, examples = prepare_examples(config, tokenizer)
     logger.info(report.summary())
-    moved_aside = move_aside(run) if overwrite and run.exists() else None
-    split = decide_split(run, report.kept, config)
-    train_dialogues, eval_dialogues = apply_split(split, report.kept)
-    by_id = {e.dialogue_id: e for e in examples}
-    train_examples = [by_id[d.id] for d in train_dialogues]
-    eval_examples = [by_id[d.id] for d in eval_dialogues]
+    moved_aside = ranks.decide(lambda: move_aside(run) if overwrite and run.exists() else None)
 
-    with run.lock():
-        # 3. The run directory: config, rejected rows and the split are on disk before training.
-        log_handler = _attach_log_file(run / LOG)
-        try:
-            prepare_resume(run, plan.checkpoint)
-            record_start(run, plan, str(data_path), fingerprint)
-            write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
-            write_rejections(report.rejections, run / REJECTED)
-            save_split(split, run / SPLIT)
-            logger.info("split: %d train, %d eval, %d held out (seed %d)",
-                        len(split.train), len(split.eval), len(split.held_out), split.seed)
-            if plan.checkpoint:
-                logger.info("%s from %s", "continuing the finished run for more epochs" if plan.more_epochs
-                            else "resuming", plan.checkpoint)
-            if show_example_first:
-                logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, train_examples[0]))
-            result = _fit(config, run, tokenizer, report, split, train_examples, eval_examples,
-                          reply_prompts(eval_dialogues), plan.checkpoint, started)
-        finally:
-            logging.getLogger("socratune").removeHandler(log_handler)
-            log_handler.close()
-    if moved_aside is not None and delete_old:
+    with contextlib.ExitStack() as held:
+        # 3. The run directory (main process): lock, config, rejected rows and the split on disk
+        #    before training; then every process reads the persisted split.
+        ranks.decide(lambda: held.enter_context(run.lock()) and None)
+        if ranks.is_main:
+            held.callback(_detach_log_file, _attach_log_file(run / LOG))
+        ranks.decide(lambda: _open_run(run, plan, config, report, data_path, fingerprint, ranks.world_size))
+        split = load_split(run / SPLIT)
+        train_dialogues, eval_dialogues = apply_split(split, report.kept)
+        by_id = {e.dialogue_id: e for e in examples}
+        train_examples = [by_id[d.id] for d in train_dialogues]
+        eval_examples = [by_id[d.id] for d in eval_dialogues]
+        if show_example_first and ranks.is_main:
+            logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, train_examples[0]))
+        result = _fit(config, run, ranks, tokenizer, report, split, train_examples, eval_examples,
+                      reply_prompts(eval_dialogues), plan.checkpoint, started)
+    if moved_aside is not None and ranks.is_main and delete_old:
         shutil.rmtree(moved_aside)
         result.notes.append(f"deleted the previous run {moved_aside}")
     elif moved_aside is not None:
         result.notes.append(f"the previous run is kept in {moved_aside}")
     return result
+
+
+def _open_run(run: RunDir, plan: StartPlan, config: Config, report: ValidationReport, data_path: Path,
+              fingerprint: str, world_size: int) -> None:
+    """Write what the run starts from (main process only), after tidying up for a resume."""
+    prepare_resume(run, plan.checkpoint)
+    record_start(run, plan, str(data_path), fingerprint, world_size)
+    write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
+    write_rejections(report.rejections, run / REJECTED)
+    split = decide_split(run, report.kept, config)
+    save_split(split, run / SPLIT)
+    logger.info("split: %d train, %d eval, %d held out (seed %d)",
+                len(split.train), len(split.eval), len(split.held_out), split.seed)
+    if plan.checkpoint:
+        logger.info("%s from %s", "continuing the finished run for more epochs" if plan.more_epochs else "resuming",
+                    plan.checkpoint)
 
 
 def _attach_log_file(path: Path) -> logging.Handler:
@@ -186,7 +197,12 @@ def _attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
-def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, split: Split,
+def _detach_log_file(handler: logging.Handler) -> None:
+    logging.getLogger("socratune").removeHandler(handler)
+    handler.close()
+
+
+def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: ValidationReport, split: Split,
          train_examples: list[Example], eval_examples: list[Example],
          eval_conversations: list[list[dict[str, str]]], resume: Path | None, started: float) -> TrainResult:
     from transformers import set_seed
@@ -206,7 +222,7 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
     #    run's seed so two runs of one config start from the same weights.
     set_seed(config.train.seed)
     hardware = detect_hardware()
-    source = resolve_model_source(config.model.name_or_path, run.base_dir)
+    source = ranks.main_first(lambda: resolve_model_source(config.model.name_or_path, run.base_dir))
     base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
                      quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
                      compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
@@ -224,9 +240,9 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
     style = StyleCallback(eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
                           config.train.eval_batch_size)
     monitor = TrainingMonitorCallback(run / METRICS, run / PLOTS)
-    stop = StopOnSignal()
+    stop = StopOnSignal(ranks)
     trainer = build_trainer(config, hardware, model, tokenizer, run.checkpoints_dir, train_examples, eval_examples,
-                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit), stop],
+                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit, ranks), stop],
                             fresh=resume is None)
 
     # 6. Train; SIGTERM/SIGINT end it early with a checkpoint at the step reached.
@@ -238,6 +254,9 @@ def _fit(config: Config, run: RunDir, tokenizer: Any, report: ValidationReport, 
         raise TrainingInterrupted(f"training stopped by {signal.Signals(stop.received).name} at step "
                                   f"{trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved",
                                   stop.received, str(run.path), trainer.state.global_step)
+
+    if not ranks.is_main:
+        return TrainResult(run.path, False, {}, main_process=False)
 
     # 7. Final adapter + tokenizer, staged then renamed into place; config and summary last.
     model.save_pretrained(run.staging_dir)

@@ -54,8 +54,11 @@ class SocratuneTrainer(Trainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        [len(feature["input_ids"]) for feature in dataset], self.args.data_seed)
+        # Grouped by the *global* batch, so N processes see the same order as one process with
+        # an N times larger batch (accelerate then deals each global batch out to the processes).
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochSeededLengthSampler(global_batch, [len(feature["input_ids"]) for feature in dataset],
+                                        self.args.data_seed)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         try:
