@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,17 +186,28 @@ def _parse_json_list(path: Path, text: str) -> list[tuple[int | None, object]]:
     return list(zip(_json_list_lines(text), records))
 
 
-def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
-    """``(line, record)`` per non-blank line; a line that does not parse becomes a Rejection record."""
-    out: list[tuple[int | None, object]] = []
+def jsonl_lines(text: str) -> Iterator[tuple[int, object, str | None]]:
+    """``(line number, value, problem)`` for each non-blank line of JSON Lines text: the parsed
+    value and None, or None and why the line is not JSON. The one reader behind every JSONL
+    input (dialogues, prompts, replies to score), so they all count lines and word errors alike."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            out.append((number, json.loads(line)))
+            yield number, json.loads(line), None
         except json.JSONDecodeError as exc:
+            yield number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+
+
+def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
+    """``(line, record)`` per non-blank line; a line that does not parse becomes a Rejection record."""
+    out: list[tuple[int | None, object]] = []
+    for number, value, problem in jsonl_lines(text):
+        if problem is None:
+            out.append((number, value))
+        else:
             out.append((number, Rejection(str(path), len(out), number, "invalid_json",
-                                          f"not valid JSON at line {number}: {exc.msg} (column {exc.colno})")))
+                                          f"not valid JSON at line {number}: {problem.removeprefix('invalid JSON: ')}")))
     if out and all(isinstance(record, Rejection) for _, record in out):
         # Not one line parsed: this is not JSONL with a few bad rows but a file of another kind.
         try:

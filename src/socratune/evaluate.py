@@ -36,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .data import jsonl_lines
 from .errors import ConfigError, DataError, RunDirError
 from .generate import GenParams
 from .judge import Judge
@@ -87,13 +88,9 @@ def load_prompts(path: str | Path | None = None) -> list[EvalPrompt]:
             raise DataError(f"cannot read prompts {source}: {exc}") from exc
     prompts: list[EvalPrompt] = []
     problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{source}:{number}: invalid JSON: {exc.msg}")
+    for number, item, problem in jsonl_lines(text):
+        if problem:
+            problems.append(f"{source}:{number}: {problem}")
             continue
         followups = item.get("followups", []) if isinstance(item, dict) else None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():

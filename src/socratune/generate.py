@@ -17,14 +17,13 @@ defaults to the line number). Replies come out as ``{"id", "text", "prompt"}``, 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import BOT, ROLE_ALIASES
+from .data import BOT, ROLE_ALIASES, jsonl_lines
 from .errors import DataError
 from .template import chat_messages, render, supports_system_role
 
@@ -193,20 +192,15 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     and what is wrong, before a model is loaded or a reply generated."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
         raise DataError(f"prompts file {path} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read prompts file {path}: {exc}") from exc
     items: list[PromptItem] = []
     problems: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            parsed = _parse_prompt_line(json.loads(line), number)
-        except json.JSONDecodeError as exc:
-            parsed = f"invalid JSON: {exc.msg}"
+    for number, value, problem in jsonl_lines(text):
+        parsed = problem or _parse_prompt_line(value, number)
         if isinstance(parsed, str):
             problems.append(f"{path}:{number}: {parsed}")
         else:

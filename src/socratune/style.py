@@ -50,6 +50,7 @@ from pydantic import (
 )
 from sudachipy import Dictionary, SplitMode
 
+from .data import jsonl_lines
 from .errors import ConfigError, DataError
 from .rundir import write_text_atomic
 
@@ -730,22 +731,15 @@ def score_jsonl(in_path: Path, out_path: Path | None = None,
     """
     in_path = Path(in_path)
     try:
-        lines = in_path.read_text(encoding="utf-8").splitlines()
+        text = in_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {in_path}: {exc}") from exc
     scorer = _scorer(profile)
     records: list[dict] = []
     bad: list[str] = []
     scores: list[StyleScore] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"{in_path}:{number}: invalid JSON: {exc.msg}")
-            continue
-        if problem := _line_problem(item):
+    for number, item, problem in jsonl_lines(text):
+        if problem := problem or _line_problem(item):
             bad.append(f"{in_path}:{number}: {problem}")
             continue
         scores.append(scorer.score(item["text"], item.get("prompt")))
