@@ -62,6 +62,12 @@ class DataSection(Section):
     path: str | None = Field(None, description="JSON or JSONL dialogues; None = the bundled sample")
     max_seq_len: int = Field(256, gt=8, description="tokens per templated dialogue; longer ones are rejected, not cut")
     loss_on: Literal["bot", "all"] = Field("bot", description="train on bot turns only, or on the whole text")
+    # A Literal, not a free string: a typo ("packing") must fail config loading, not fall back to padding.
+    batching: Literal["padded", "packed"] = Field(
+        "padded",
+        description="padded: each batch padded to its longest dialogue; packed: several dialogues per row, "
+        "position ids restarting per dialogue, no dialogue attending to another (checked on the model)",
+    )
     train_frac: float = Field(0.8, gt=0.0, le=1.0)
     eval_cap: int = Field(100, ge=0, description="at most this many eval dialogues (eval cost grows with it)")
     split_seed: int = 42

@@ -15,8 +15,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .callbacks import release_memory
 from .config import Config
+from .packing import make_collator
 from .plots import read_metrics
-from .template import IGNORE_INDEX, Example, PaddingCollator
+from .template import IGNORE_INDEX, Example
 
 SCHEDULER_KWARGS = {"cosine_with_restarts": {"num_cycles": 1}}
 
@@ -132,7 +133,7 @@ def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, out
     trainer = SocratuneTrainer(
         model=model,
         args=training_arguments(config, hardware, output_dir, fresh),
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        data_collator=make_collator(config.data.batching, model, tokenizer.pad_token_id),
         train_dataset=as_features(train_examples),
         eval_dataset=as_features(eval_examples),
         processing_class=tokenizer,
