@@ -279,3 +279,24 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     with run.lock():
         assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     assert not (run / ".lock").exists()
+
+
+def test_metrics_of_a_run_started_by_an_earlier_version_stay_one_table(tmp_path):
+    """A resumed run whose metrics.csv predates newer columns keeps appending in its own columns."""
+    import csv
+    from types import SimpleNamespace
+
+    from socratune.callbacks import METRIC_COLUMNS, TrainingMonitorCallback
+
+    old_columns = [c for c in METRIC_COLUMNS if "runtime" not in c]
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(",".join(old_columns) + "\n", encoding="utf-8")
+    monitor = TrainingMonitorCallback(metrics, tmp_path / "plots")
+    state = SimpleNamespace(global_step=10, epoch=0.5, num_input_tokens_seen=100, is_world_process_zero=True,
+                            max_steps=20)
+    monitor.on_train_begin(None, state, None)
+    monitor.on_log(None, state, None, logs={"loss": 1.5, "learning_rate": 1e-3})
+    with metrics.open(encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == old_columns and len(rows) == 2 and len(rows[1]) == len(old_columns)
+    assert dict(zip(rows[0], rows[1]))["loss"] == "1.5"

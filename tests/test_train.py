@@ -34,6 +34,21 @@ def test_default_run_learns_loss_and_style(default_run):
     assert summary["style_score_final"] > summary["style_score_initial"]
     assert summary["peak_gpu_mb"] is None and summary["peak_rss_mb"] > 0
     assert summary["sample_reply"]["reply"]
+    assert set(summary["style_final"]) == {"tone", "approach", "format", "logic", "overall"}
+
+
+def test_evaluation_time_is_recorded_per_evaluation_and_summed(default_run):
+    """What style monitoring costs is on record: seconds per evaluation in metrics.csv, their sum
+    in the summary (benchmarks/style_eval_cost.py reads it)."""
+    summary = json.loads((default_run / "training_summary.json").read_text())
+    with (default_run / "metrics.csv").open(encoding="utf-8") as handle:
+        eval_rows = [r for r in csv.DictReader(handle) if r["eval_loss"]]
+    style_seconds = [float(r["eval_style_runtime"]) for r in eval_rows]
+    assert all(s > 0 for s in style_seconds)
+    assert math.isclose(summary["style_runtime_s"], sum(style_seconds), abs_tol=0.01 * len(style_seconds))
+    assert math.isclose(summary["eval_loss_runtime_s"], sum(float(r["eval_runtime"]) for r in eval_rows),
+                        abs_tol=0.01 * len(eval_rows))
+    assert 0 < summary["style_runtime_s"] < summary["duration_s"]
 
 
 def test_metrics_csv_has_training_and_eval_rows(default_run):

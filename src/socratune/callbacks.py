@@ -30,10 +30,11 @@ from .style import StyleScorer, summarize
 
 logger = logging.getLogger("socratune")
 STYLE_AXES = ("tone", "approach", "format", "logic", "overall")
+STYLE_RUNTIME = "eval_style_runtime"  # seconds spent generating and scoring, beside HF's eval_runtime
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
     *(f"eval_style_{axis}" for axis in STYLE_AXES),
-    "tokens_per_s", "rss_mb", "gpu_allocated_mb", "gpu_reserved_mb",
+    "tokens_per_s", "rss_mb", "gpu_allocated_mb", "gpu_reserved_mb", "eval_runtime", STYLE_RUNTIME,
 ]
 
 
@@ -60,9 +61,17 @@ def resource_usage() -> dict[str, float | None]:
     return usage
 
 
+def _header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return next(csv.reader(handle), None) or METRIC_COLUMNS
+
+
 class StyleCallback(TrainerCallback):
     """At every evaluation, answer a fixed sample of eval prompts (greedy, bounded length) and score
-    the generated replies; teacher-forced argmax tokens are not replies and are never scored."""
+    the generated replies; teacher-forced argmax tokens are not replies and are never scored.
+
+    The seconds it takes are logged as ``eval_style_runtime``, so what style monitoring costs
+    against training is on record in every run (``training_summary.json`` adds them up)."""
 
     def __init__(self, conversations: list[list[dict[str, str]]], scorer: StyleScorer, max_new_tokens: int,
                  batch_size: int = 8):
@@ -76,10 +85,12 @@ class StyleCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
         if not self.conversations or metrics is None or not state.is_world_process_zero:
             return
+        started = time.perf_counter()
         replies = generate_replies(model, processing_class, self.conversations, self.params, self.batch_size)
         self.last_replies = replies
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
         style = {f"eval_style_{axis}": round(means[axis], 4) for axis in STYLE_AXES}
+        style[STYLE_RUNTIME] = round(time.perf_counter() - started, 3)
         metrics.update(style)
         if state.log_history and "eval_loss" in state.log_history[-1]:
             state.log_history[-1].update(style)
@@ -177,8 +188,10 @@ class TrainingMonitorCallback(TrainerCallback):
             self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, usage["gpu_reserved_mb"])
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **usage, **values}
         new_file = not self.metrics_path.exists()
+        # A run started by an earlier version keeps its own columns, so its file stays one table.
+        columns = METRIC_COLUMNS if new_file else _header(self.metrics_path)
         with self.metrics_path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .callbacks import release_memory
+from .callbacks import STYLE_AXES, STYLE_RUNTIME, release_memory
 from .config import Config
 from .packing import make_collator
 from .plots import read_metrics
@@ -155,7 +155,8 @@ def _best(entries: list[dict[str, Any]], key: str, lower_is_better: bool) -> tup
 
 def summarize_run(state: Any, metrics_path: Path, hardware: Any, duration_s: float) -> dict[str, Any]:
     """``training_summary.json``: initial (before step 1), final and best eval loss and style score,
-    peak memory, hardware. Built from the trainer state's history, which survives resumes."""
+    seconds spent in evaluation (loss pass and style generation, over the whole run), peak memory,
+    hardware. Built from the trainer state's history, which survives resumes."""
     evals = [e for e in state.log_history if "eval_loss" in e]
     rows = read_metrics(metrics_path)
     rss = [float(r["rss_mb"]) for r in rows if r.get("rss_mb")]
@@ -176,8 +177,10 @@ def summarize_run(state: Any, metrics_path: Path, hardware: Any, duration_s: flo
         "style_score_final": last.get("eval_style_overall"),
         "style_score_best": style_best,
         "style_score_best_step": style_best_step,
-        "style_initial": {k.removeprefix("eval_style_"): v for k, v in first.items() if k.startswith("eval_style_")},
-        "style_final": {k.removeprefix("eval_style_"): v for k, v in last.items() if k.startswith("eval_style_")},
+        "style_initial": {a: first[f"eval_style_{a}"] for a in STYLE_AXES if f"eval_style_{a}" in first},
+        "style_final": {a: last[f"eval_style_{a}"] for a in STYLE_AXES if f"eval_style_{a}" in last},
+        "eval_loss_runtime_s": round(sum(e.get("eval_runtime", 0.0) for e in evals), 2),
+        "style_runtime_s": round(sum(e.get(STYLE_RUNTIME, 0.0) for e in evals), 2),
         "tokens_seen": state.num_input_tokens_seen,
         "peak_rss_mb": round(max(rss), 1) if rss else None,
         "peak_gpu_mb": round(max(gpu), 1) if gpu else None,
