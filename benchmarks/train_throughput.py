@@ -6,15 +6,19 @@ Run from the repository root (TRL comes with the ``bench`` extra: ``pip install 
     python benchmarks/train_throughput.py --samples 512 --runs socratune,socratune@data.batching=packed
     python benchmarks/train_throughput.py --threads 1 --repeat 3 --wait-load 1.5   # on a shared machine
 
-Every run trains the same model with the same LoRA adapter (the preset's, less ``lm_head``, which
-TRL refuses), learning rate, schedule and seed on the same dialogues (exactly ``--samples``)
+Every run trains the same model with the same LoRA adapter shape (the preset's rank, alpha and
+target modules, less ``lm_head``, which TRL refuses), learning rate, schedule and seed on the same dialogues (exactly ``--samples``)
 and then computes the same eval loss (bot tokens only, on the same held-apart dialogues). What
 differs is how each tool forms and computes batches:
 
 * ``reference``: the published notebook's recipe: every dialogue padded to 256 tokens, eager
-  attention, batch 4 x gradient accumulation 8, gradient checkpointing; fp16 on a GPU.
+  attention, batch 4 x gradient accumulation 8, gradient checkpointing, the notebook's LoRA
+  dropout (taken from the ``gemma2-2b-jpn-qlora`` preset, which reproduces the notebook); fp16
+  on a GPU.
 * ``trl``: ``SFTTrainer`` with its own defaults (batch 8, padding to the longest in a random
   batch, gradient checkpointing on, bf16 autocast) given the same tokenized dialogues and labels.
+  A name ``trl@key=value+key=value`` sets ``SFTConfig`` fields (``trl@bf16=false``: no bf16
+  autocast, which a CPU without bf16 instructions emulates slowly).
 * ``socratune``: the preset's defaults through ``socratune.trainer.build_trainer``. A name
   ``socratune@key=value+key=value`` applies config overrides (to compare choices).
 
@@ -45,6 +49,7 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "socratic_dialogues_ja.json"
 REFERENCE_MAX_LEN = 256
 EVAL_DIALOGUES = 100
 RUNS = ("reference", "trl", "socratune")
+REFERENCE_PRESET = "gemma2-2b-jpn-qlora"  # the notebook's values
 
 
 def data_path() -> tuple[Path, str]:
@@ -109,9 +114,12 @@ def common_arguments(config, hardware, output_dir: str) -> dict:
 def build_reference(config, hardware, tokenizer, train, output_dir):
     from transformers import Trainer, TrainingArguments
 
+    from socratune.config import load_config
     from socratune.template import PaddingCollator
     from socratune.trainer import as_features
 
+    config = config.model_copy(deep=True)
+    config.lora.dropout = load_config(preset=REFERENCE_PRESET).lora.dropout
     model = lora(base_model(config, hardware, "eager"), config, gradient_checkpointing=True)
     args = TrainingArguments(per_device_train_batch_size=4, gradient_accumulation_steps=8,
                              fp16=hardware.device == "cuda", logging_steps=10**9,
@@ -120,7 +128,8 @@ def build_reference(config, hardware, tokenizer, train, output_dir):
     return Trainer(model=model, args=args, data_collator=collator, train_dataset=as_features(train))
 
 
-def build_trl(config, hardware, tokenizer, train, output_dir):
+def build_trl(config, hardware, tokenizer, train, output_dir, overrides: dict[str, str]):
+    import yaml
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -130,7 +139,8 @@ def build_trl(config, hardware, tokenizer, train, output_dir):
     c = config.lora
     peft_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
                              bias=c.bias, task_type="CAUSAL_LM")
-    args = SFTConfig(**common_arguments(config, hardware, output_dir))
+    settings = {key: yaml.safe_load(value) for key, value in overrides.items()}
+    args = SFTConfig(**{**common_arguments(config, hardware, output_dir), **settings})
     return SFTTrainer(model=base_model(config, hardware, None), args=args, train_dataset=Dataset.from_list(as_features(train)),
                       processing_class=tokenizer, peft_config=peft_config)
 
@@ -187,7 +197,7 @@ def worker(name: str, spec: dict) -> dict:
         if tool == "reference":
             trainer = build_reference(config, hardware, tokenizer, train, output_dir)
         elif tool == "trl":
-            trainer = build_trl(config, hardware, tokenizer, train, output_dir)
+            trainer = build_trl(config, hardware, tokenizer, train, output_dir, overrides)
         else:
             trainer = build_socratune(config, hardware, tokenizer, train, eval_examples, output_dir)
         load_before = os.getloadavg()[0]
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help='"tiny" (default), a model directory or a hub id')
     parser.add_argument("--preset", default="tiny", help="socratune preset giving LoRA and optimiser settings")
     parser.add_argument("--samples", type=int, default=1024, help="dialogues trained by every run (default 1024)")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated: reference, trl, socratune[@k=v+k=v]")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated: reference, trl[@k=v+k=v], socratune[@k=v+k=v]")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per run (default: torch's choice, one per core)")
     parser.add_argument("--repeat", type=int, default=1,
