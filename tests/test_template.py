@@ -12,6 +12,7 @@ from socratune.template import (
     PaddingCollator,
     chat_messages,
     encode,
+    encode_many,
     render,
     show_example,
     supports_system_role,
@@ -98,3 +99,15 @@ def test_collator_pads_to_longest_in_batch_and_masks_padding():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_batched_encoding_equals_one_dialogue_at_a_time(tiny_tokenizer):
+    """The tokenizer is called per chunk of dialogues; every example still gets its own ids and
+    labels, in order, across chunk boundaries."""
+    from socratune.data import load_dialogues
+    from socratune.train import bundled_data_path
+
+    conversations = [(d.id, chat_messages(d.messages(), True)) for d in load_dialogues(bundled_data_path()).kept[:23]]
+    batched = encode_many(tiny_tokenizer, conversations, chunk=5)
+    assert batched == [encode(tiny_tokenizer, dialogue_id, messages) for dialogue_id, messages in conversations]
+    assert len({tuple(e.input_ids) for e in batched}) == len(batched)
