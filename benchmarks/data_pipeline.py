@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             best = best_in_fresh_processes(scaled_copy(records, scale, Path(directory)), args.repeat)
             seconds, tokens = best["seconds"], best["tokens"]
             sizes.append({"scale": scale, "dialogues": len(records) * scale, "kept": best["kept"],
-                          "tokens": tokens, "seconds": round(seconds, 3),
+                          "tokens": tokens, "seconds": round(seconds, 3), "tokenizer_s": round(best["tokenizer_s"], 3),
                           "ms_per_1000_dialogues": round(1e6 * seconds / (len(records) * scale), 1),
                           "us_per_token": round(1e6 * seconds / tokens, 2)})
-            tokenizer_s = best["tokenizer_s"]
 
     base = sizes[0]["seconds"]
+    tokenizer_s = sizes[0]["tokenizer_s"]
     result = {
         "data": f"{note}: {data.name}, {len(records)} dialogues",
         "cpu_count": os.cpu_count(),

@@ -180,6 +180,7 @@ class TrainingMonitorCallback(TrainerCallback):
         self.peak_gpu_mb: float | None = None
         self._last_time: float | None = None
         self._last_tokens = 0
+        self._columns: list[str] | None = None  # decided at the first row, from the file if it exists
 
     def _row(self, state, values: dict[str, Any]) -> None:
         usage = resource_usage()
@@ -188,10 +189,11 @@ class TrainingMonitorCallback(TrainerCallback):
             self.peak_gpu_mb = max(self.peak_gpu_mb or 0.0, usage["gpu_reserved_mb"])
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **usage, **values}
         new_file = not self.metrics_path.exists()
-        # A run started by an earlier version keeps its own columns, so its file stays one table.
-        columns = METRIC_COLUMNS if new_file else _header(self.metrics_path)
+        if self._columns is None:
+            # A run started by an earlier version keeps its own columns, so its file stays one table.
+            self._columns = METRIC_COLUMNS if new_file else _header(self.metrics_path)
         with self.metrics_path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=self._columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
