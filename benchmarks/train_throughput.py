@@ -22,12 +22,21 @@ differs is how each tool forms and computes batches:
 * ``socratune``: the preset's defaults through ``socratune.trainer.build_trainer``. A name
   ``socratune@key=value+key=value`` applies config overrides (to compare choices).
 
+Model: ``tiny`` by default; ``--model gemma2-2b-random`` builds a model of gemma-2-2b's exact shape
+(26 layers, hidden 2304, 8 heads, 4 KV heads, head dim 256, vocabulary 256,000, sliding window,
+both soft-caps) with random weights, for a GPU: throughput does not depend on the weights. With
+``--preset gemma2-2b-jpn-qlora`` every run is QLoRA as in the notebook::
+
+    python benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora \
+        --runs reference,trl,socratune --output gpu.json
+
 Data: ``../shared/data/socratic_dialogues_ja.json`` when present, else the bundled sample; the
 JSON says which. Dialogues longer than the reference's 256 tokens are left out for every run, so
 all runs see the same dialogues. Each run is a separate process, so peak RSS is its own.
 Reported: non-padding tokens per second of ``trainer.train()``, its wall time, peak RSS, peak
-GPU memory (null on a CPU), the eval loss afterwards and the load average around the run (the
-CPU may be shared).
+GPU memory (null on a CPU), model FLOPs utilisation (4 x parameters per non-padding token
+against the GPU's dense peak; null on a CPU), the eval loss afterwards and the load average
+around the run (the CPU may be shared).
 """
 
 from __future__ import annotations
@@ -47,9 +56,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "socratic_dialogues_ja.json"
 REFERENCE_MAX_LEN = 256
-EVAL_DIALOGUES = 100
 RUNS = ("reference", "trl", "socratune")
 REFERENCE_PRESET = "gemma2-2b-jpn-qlora"  # the notebook's values
+
+RANDOM_GEMMA2 = "gemma2-2b-random"
+# google/gemma-2-2b's config.json (the jpn-it model has the same shape), spelled out so that a
+# change of transformers' defaults cannot change the benchmark: layers alternate 4,096-token
+# sliding-window and full attention, attention logits are soft-capped at 50, final logits at 30.
+GEMMA2_2B_SHAPE = {
+    "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
+}
+# Gemma's own tokenizer cannot be fetched offline. A byte-level BPE of this size trained on the
+# benchmark's dialogues gives 2.6 characters per token on the real set, a mean dialogue of ~105
+# tokens: under half of the reference's 256, as the notebook's data had with Gemma's tokenizer.
+RANDOM_TOKENIZER_VOCAB = 8000
+# Dense bf16 tensor-core peak by GPU name, for model FLOPs utilisation (--peak-tflops overrides).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0}
 
 
 def data_path() -> tuple[Path, str]:
@@ -78,16 +103,61 @@ def prepare(spec: dict, config):
     path = Path(spec["data"])
     examples, _ = encode_dialogues(tokenizer, load_dialogues(path).kept, str(path), REFERENCE_MAX_LEN)
     random.Random(spec["seed"]).shuffle(examples)
-    eval_count = min(EVAL_DIALOGUES, len(examples) // 5)
+    eval_count = min(spec["eval_dialogues"], len(examples) // 5)
     pool = examples[eval_count:]
     train = [pool[i % len(pool)] for i in range(spec["samples"])]
     return tokenizer, train, examples[:eval_count]
 
 
-def base_model(config, hardware, attn_implementation):
-    from socratune.modeling import load_base, resolve_model_source
+def random_gemma2(directory: Path, data: Path, layers: int) -> Path:
+    """Save (once) a gemma-2-2b-shaped model with random weights and a tokenizer trained on ``data``.
 
-    source = resolve_model_source(config.model.name_or_path, Path(tempfile.gettempdir()) / "socratune-bench-tiny")
+    Throughput does not depend on the weights, so no download is needed; the checkpoint goes
+    through the same local-directory loading (and 4-bit quantization) a user's model does.
+    ``layers`` below 26 makes a small model of the same kind for a quick check of this path.
+    """
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from socratune.data import load_dialogues
+    from socratune.tiny import END_OF_TURN, build_tokenizer
+
+    if (directory / "config.json").exists():
+        return directory
+    texts = [turn.content for d in load_dialogues(data).kept for turn in d.turns]
+    tokenizer = build_tokenizer(texts, RANDOM_TOKENIZER_VOCAB)
+    config = Gemma2Config(**{**GEMMA2_2B_SHAPE, "num_hidden_layers": layers}, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Gemma2ForCausalLM(config).to(torch.bfloat16)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def parameter_count(source: str) -> int:
+    """Parameters of the model at ``source`` (shared ones once), counted on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_source(name: str) -> str:
+    from socratune.modeling import resolve_model_source
+
+    return resolve_model_source(name, Path(tempfile.gettempdir()) / "socratune-bench-tiny")
+
+
+def base_model(config, hardware, attn_implementation):
+    from socratune.modeling import load_base
+
+    source = model_source(config.model.name_or_path)
     return load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
                      quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
                      compute_dtype=config.quant.compute_dtype, attn_implementation=attn_implementation)
@@ -150,8 +220,12 @@ def build_socratune(config, hardware, tokenizer, train, eval_examples, output_di
 
     model = lora(base_model(config, hardware, config.model.attn_implementation), config,
                  config.model.gradient_checkpointing)
-    return build_trainer(config, hardware, model, tokenizer, Path(output_dir), train, eval_examples,
-                         callbacks=[], fresh=False)
+    trainer = build_trainer(config, hardware, model, tokenizer, Path(output_dir), train, eval_examples,
+                            callbacks=[], fresh=False)
+    # With a per-step strategy transformers evaluates and saves at the last step, which a user's
+    # run wants; the other rows do neither inside train(), so neither does this one.
+    trainer.args.eval_strategy = trainer.args.save_strategy = "no"
+    return trainer
 
 
 def eval_loss(model, tokenizer, examples, device: str) -> float:
@@ -207,9 +281,16 @@ def worker(name: str, spec: dict) -> dict:
         load_after = os.getloadavg()[0]
         loss = eval_loss(trainer.model, tokenizer, eval_examples, hardware.device)
     tokens = sum(len(e.input_ids) for e in train)
+    parameters = parameter_count(model_source(spec["model"]))
+    peak_flops = spec["peak_tflops"] * 1e12 if spec["peak_tflops"] else None
+    # LoRA's model FLOPs per real token: forward 2 x parameters, backward through the frozen
+    # weights (activation gradients only) another 2 x; the adapters' own share is negligible.
+    mfu = 4 * parameters * tokens / wall / peak_flops if peak_flops else None
     return {
         "name": name,
         "tokens_per_s": round(tokens / wall, 1),
+        "mfu": round(mfu, 4) if mfu is not None else None,
+        "parameters": parameters,
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if hardware.device == "cuda" else None,
@@ -233,18 +314,23 @@ def device_name() -> str:
     return f"CPU {names[0] if names else platform.machine()}, {os.cpu_count()} cores"
 
 
+def known_peak_tflops(device: str) -> float | None:
+    return next((tflops for name, tflops in PEAK_TFLOPS.items() if name in device), None)
+
+
 def markdown(result: dict) -> str:
     header = (f"device: {result['device']} ({result['threads']} torch threads) · model: {result['model']} · "
               f"data: {result['data']} "
               f"({result['samples']} samples, {result['eval_dialogues']} eval dialogues)")
     lines = [header, "",
-             ("| run | tokens/s (fastest) | every attempt | wall s | peak RSS MB | peak GPU MB | eval loss "
+             ("| run | tokens/s (fastest) | every attempt | MFU | wall s | peak RSS MB | peak GPU MB | eval loss "
               "| load avg (before, after) |"),
-             "|---|---:|---|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in result["runs"]:
         gpu = "—" if r["peak_gpu_mb"] is None else f"{r['peak_gpu_mb']:.0f}"
+        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         attempts = ", ".join(f"{x:.0f}" for x in r["tokens_per_s_all"])
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {attempts} | {r['wall_s']:.1f} | "
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {attempts} | {mfu} | {r['wall_s']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} | {gpu} | {r['eval_loss']:.4f} | "
                      f"{r['load_avg_1min'][0]}, {r['load_avg_1min'][1]} |")
     for name, target in result.get("targets", {}).items():
@@ -274,9 +360,18 @@ def targets(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help='"tiny" (default), a model directory or a hub id')
+    parser.add_argument("--model", default="tiny",
+                        help=f'"tiny" (default), "{RANDOM_GEMMA2}" (gemma-2-2b\'s shape, random weights), '
+                             'a model directory or a hub id')
+    parser.add_argument("--layers", type=int, default=GEMMA2_2B_SHAPE["num_hidden_layers"],
+                        help=f"decoder layers of {RANDOM_GEMMA2} (default 26, the real model; fewer for a quick check)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the accelerator's dense peak for model FLOPs utilisation "
+                             f"(default: known GPUs {', '.join(PEAK_TFLOPS)}; none on a CPU)")
     parser.add_argument("--preset", default="tiny", help="socratune preset giving LoRA and optimiser settings")
     parser.add_argument("--samples", type=int, default=1024, help="dialogues trained by every run (default 1024)")
+    parser.add_argument("--eval-dialogues", type=int, default=100,
+                        help="held-apart dialogues for the eval loss (default 100, the notebook's cap)")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated: reference, trl[@k=v+k=v], socratune[@k=v+k=v]")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per run (default: torch's choice, one per core)")
@@ -297,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
 
     path, data_note = data_path()
     threads = args.threads or os.cpu_count() or 1
-    spec = {"model": args.model, "preset": args.preset, "samples": args.samples, "data": str(path), "seed": 42,
-            "threads": threads}
+    model = args.model
+    if model == RANDOM_GEMMA2:
+        cache = Path(tempfile.gettempdir()) / f"socratune-bench-{RANDOM_GEMMA2}-{args.layers}-layers"
+        model = str(random_gemma2(cache, path, args.layers))
+        args.model = f"{RANDOM_GEMMA2} ({args.layers} layers, random weights, {RANDOM_TOKENIZER_VOCAB}-token BPE)"
+    spec = {"model": model, "preset": args.preset, "samples": args.samples, "data": str(path), "seed": 42,
+            "eval_dialogues": args.eval_dialogues, "threads": threads, "peak_tflops": args.peak_tflops or known_peak_tflops(device_name())}
     names = list(filter(None, args.runs.split(",")))
     attempts: dict[str, list[dict]] = {name: [] for name in names}
     result = summarize(attempts, data_note, threads, args)
@@ -340,6 +440,7 @@ def summarize(attempts: dict[str, list[dict]], data_note: str, threads: int, arg
             fastest = max(tried, key=lambda r: r["tokens_per_s"])
             runs.append({**fastest, "tokens_per_s_all": [r["tokens_per_s"] for r in tried]})
     return {"device": device_name(), "threads": threads, "model": args.model, "data": data_note,
+            "peak_tflops": args.peak_tflops or known_peak_tflops(device_name()),
             "samples": args.samples, "eval_dialogues": runs[0]["eval_dialogues"] if runs else 0,
             "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs, "targets": targets(runs)}
 

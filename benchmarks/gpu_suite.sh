@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU measurements in one go, on one CUDA GPU (about 8 minutes on an H100 or H200):
+#
+#  1. train_throughput.py on a model of gemma-2-2b's exact shape with random weights: the
+#     reference recipe, TRL's SFTTrainer defaults and socratune's defaults, all QLoRA (NF4) as
+#     in the notebook, then socratune in bf16 LoRA without gradient checkpointing, at the
+#     preset's batch (4 x 8) and at batch 32 x 1. Tokens/s, MFU, peak GPU memory, eval loss.
+#  2. The tiny model trained for one epoch through every config in examples/accelerate (DDP,
+#     FSDP, DeepSpeed ZeRO-2 and ZeRO-3; DeepSpeed only when it is installed), one process:
+#     proof that each config starts, trains and writes a finished run directory.
+#
+# Usage, from the repository root, after `pip install -e ".[bench]"` (and `pip install deepspeed`):
+#     bash benchmarks/gpu_suite.sh RESULTS_DIR
+# RESULTS_DIR receives throughput.json / throughput.md, launch.log (one line per config) and each
+# launch's log; the run directories themselves go to a temporary folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results=${1:?usage: bash benchmarks/gpu_suite.sh RESULTS_DIR}
+mkdir -p "$results"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+bf16_lora="quant.load_in_4bit=false+model.dtype=bfloat16+quant.compute_dtype=bfloat16+train.precision=bf16+model.gradient_checkpointing=false"
+python benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora --samples 1024 \
+    --runs "reference,trl,socratune,socratune@${bf16_lora},socratune@${bf16_lora}+train.batch_size=32+train.grad_accum=1" \
+    --output "$results/throughput.json" >"$results/throughput.md"
+echo "throughput: exit $?" | tee "$results/launch.log"
+
+# One epoch of the tiny model, no style generation (its morphological dictionary is not needed
+# to prove that a launcher trains).
+runs=$(mktemp -d)
+config=$runs/tiny-one-epoch.yaml
+printf 'preset: tiny\ntrain: {epochs: 1}\nstyle: {eval_samples: 0}\n' >"$config"
+for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
+    if [[ $name == deepspeed_* ]] && ! python -c "import deepspeed" 2>/dev/null; then
+        echo "$name: skipped (deepspeed is not installed)" | tee -a "$results/launch.log"
+        continue
+    fi
+    run="$runs/$name"
+    accelerate launch --config_file "examples/accelerate/$name.yaml" --num_processes 1 \
+        -m socratune train --config "$config" --output "$run" >"$results/$name.log" 2>&1
+    status=$?
+    finished=$([[ -f $run/training_summary.json && -d $run/adapter ]] && echo "finished run directory" || echo "no finished run")
+    echo "$name: exit $status, $finished, $(grep -o '"eval_loss_final": [0-9.]*' "$run/training_summary.json" 2>/dev/null)" \
+        | tee -a "$results/launch.log"
+done
