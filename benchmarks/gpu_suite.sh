@@ -4,7 +4,10 @@
 #  1. train_throughput.py on a model of gemma-2-2b's exact shape with random weights: the
 #     reference recipe, TRL's SFTTrainer defaults and socratune's defaults, all QLoRA (NF4) as
 #     in the notebook, then socratune in bf16 LoRA without gradient checkpointing, at the
-#     preset's batch (4 x 8) and at batch 32 x 1. Tokens/s, MFU, peak GPU memory, eval loss.
+#     preset's batch (4 x 8) and at batch 32 x 1, and last socratune's QLoRA with logits at every
+#     position (what the output head's trained-positions-only default saves). Tokens/s, MFU, peak
+#     GPU memory, eval loss; the JSON is rewritten after every run, so a cut-short suite keeps
+#     the rows it finished.
 #  2. The tiny model trained for one epoch through every config in examples/accelerate (DDP,
 #     FSDP, DeepSpeed ZeRO-2 and ZeRO-3; DeepSpeed only when it is installed), one process:
 #     proof that each config starts, trains and writes a finished run directory.
@@ -21,7 +24,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 bf16_lora="quant.load_in_4bit=false+model.dtype=bfloat16+quant.compute_dtype=bfloat16+train.precision=bf16+model.gradient_checkpointing=false"
 python benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora --samples 1024 \
-    --runs "reference,trl,socratune,socratune@${bf16_lora},socratune@${bf16_lora}+train.batch_size=32+train.grad_accum=1" \
+    --runs "reference,trl,socratune,socratune@${bf16_lora},socratune@${bf16_lora}+train.batch_size=32+train.grad_accum=1,socratune@train.trained_logits_only=false" \
     --output "$results/throughput.json" >"$results/throughput.md"
 echo "throughput: exit $?" | tee "$results/launch.log"
 

@@ -94,6 +94,10 @@ class TrainSection(Section):
         "group_by_length", description="group similar lengths into batches so dynamic padding wastes little"
     )
     empty_cache_steps: int | None = Field(None, gt=0, description="release cached accelerator memory every N steps")
+    trained_logits_only: bool = Field(
+        True, description="compute the output head only where a trained token follows (same loss and gradients, "
+        "checked on the model; with Gemma's 256,000-word head the step's largest tensor); false: at every position",
+    )
     seed: int = 42
 
 

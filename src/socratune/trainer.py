@@ -7,6 +7,8 @@ exact label masks, and SFTTrainer would re-prepare the dataset and adds nothing 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,74 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
+@contextlib.contextmanager
+def head_on_trained_positions(head: Any, labels: Any) -> Iterator[Any]:
+    """While open, the output head sees only the positions whose next token is trained; yields
+    those next tokens (the loss's targets, in the same order).
+
+    A causal LM's loss needs logits only where a label follows, yet the model computes them for
+    every position: with Gemma's 256,000-word vocabulary that is the largest tensor of a step and
+    a fifth of its compute, and user turns, template markers and padding make up about half of
+    the positions. A forward pre-hook on the head (a PyTorch API, nothing patched) hands it the
+    hidden states of the trained positions only; whatever the model does after the head
+    (Gemma-2's final soft-cap) is element-wise and applies unchanged, and the model's own loss
+    function takes the matching targets as ``shift_labels``.
+    """
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][trained], *args[1:]))
+    try:
+        yield targets[trained]
+    finally:
+        handle.remove()
+
+
+def head_fits_trained_positions(model: Any) -> bool:
+    """Whether this model's loss is unchanged when its head sees trained positions only.
+
+    Checked on two short rows rather than assumed: remote model code may reshape logits after the
+    head or ignore ``shift_labels``; such a model keeps full logits.
+    """
+    import torch
+
+    vocab = model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[(3 + 7 * i) % vocab for i in range(9)], [(11 + 5 * i) % vocab for i in range(9)]],
+                             device=device)
+    labels = input_ids.clone()
+    labels[0, :4] = labels[1, 6:] = IGNORE_INDEX
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=input_ids, labels=labels).loss
+            with head_on_trained_positions(model.get_output_embeddings(), labels) as targets:
+                trained = model(input_ids=input_ids, labels=labels, shift_labels=targets).loss
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(full.float(), trained.float(), rtol=1e-4, atol=1e-5))
+
+
 class SocratuneTrainer(Trainer):
     """Releases accelerator memory after every evaluation (the eval pass leaves its activations and
-    logits cached, which on a 16 GB GPU is the difference between fitting and not), and groups
-    by length with an order that survives resuming."""
+    logits cached, which on a 16 GB GPU is the difference between fitting and not), groups by
+    length with an order that survives resuming, and in training computes logits only where a
+    trained token follows (``head_on_trained_positions``; evaluation keeps full logits for its
+    metrics)."""
+
+    trained_positions_only = False  # set by build_trainer once the model passed the check
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        # nn.DataParallel (several GPUs in one process) splits the batch after the hook's mask was made.
+        if not self.trained_positions_only or return_outputs or not model.training or self.args.n_gpu > 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with head_on_trained_positions(head, inputs["labels"]) as targets:
+            return super().compute_loss(model, {**inputs, "shift_labels": targets}, return_outputs,
+                                        num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.args.train_sampling_strategy != "group_by_length":
@@ -142,6 +208,7 @@ def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, out
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the monitor logs progress through the socratune logger
+    trainer.trained_positions_only = config.train.trained_logits_only and head_fits_trained_positions(model)
     return trainer
 
 
