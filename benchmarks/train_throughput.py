@@ -333,6 +333,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {attempts} | {mfu} | {r['wall_s']:.1f} | "
                      f"{r['peak_rss_mb']:.0f} | {gpu} | {r['eval_loss']:.4f} | "
                      f"{r['load_avg_1min'][0]}, {r['load_avg_1min'][1]} |")
+    for run in result.get("failed", []):
+        lines.append(f"\n{run['name']} failed: {' '.join(run['error'])}")
     for name, target in result.get("targets", {}).items():
         lines.append(f"\nsocratune vs {name}: {target['speedup']:.2f}x tokens/s (target {target['speedup_target']}x: "
                      f"{'met' if target['speedup_met'] else 'not met'}), eval loss {target['eval_loss_change_pct']:+.2f}% "
@@ -401,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_dialogues": args.eval_dialogues, "threads": threads, "peak_tflops": args.peak_tflops or known_peak_tflops(device_name())}
     names = list(filter(None, args.runs.split(",")))
     attempts: dict[str, list[dict]] = {name: [] for name in names}
+    failed: list[dict] = []
     result = summarize(attempts, data_note, threads, args)
     for _ in range(args.repeat):
         for name in names:
@@ -409,16 +412,18 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)],
                                   check=False, capture_output=True, text=True, cwd=REPO)
             if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                return 1
-            attempts[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{name}: {attempts[name][-1]['tokens_per_s']:.0f} tokens/s, eval loss "
-                  f"{attempts[name][-1]['eval_loss']}", file=sys.stderr)
-            result = summarize(attempts, data_note, threads, args)
+                # One tool missing or failing on this machine must not cost the other rows.
+                print(f"{name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                failed.append({"name": name, "error": done.stderr.strip().splitlines()[-1:]})
+            else:
+                attempts[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"{name}: {attempts[name][-1]['tokens_per_s']:.0f} tokens/s, eval loss "
+                      f"{attempts[name][-1]['eval_loss']}", file=sys.stderr)
+            result = {**summarize(attempts, data_note, threads, args), "failed": failed}
             if args.output:
                 args.output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(markdown(result))
-    return 0
+    return 1 if failed else 0
 
 
 def wait_for_load(below: float, patience_s: float = 900) -> None:
