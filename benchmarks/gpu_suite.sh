@@ -13,19 +13,22 @@
 #     proof that each config starts, trains and writes a finished run directory.
 #
 # Usage, from the repository root, after `pip install -e ".[bench]"` (and `pip install deepspeed`):
-#     bash benchmarks/gpu_suite.sh RESULTS_DIR
+#     bash benchmarks/gpu_suite.sh RESULTS_DIR [more train_throughput.py arguments]
+# Arguments after RESULTS_DIR override the throughput defaults; a quick check of the script on a
+# CPU: bash benchmarks/gpu_suite.sh /tmp/suite --model tiny --preset tiny --samples 64
 # RESULTS_DIR receives throughput.json / throughput.md, launch.log (one line per config) and each
 # launch's log; the run directories themselves go to a temporary folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-results=${1:?usage: bash benchmarks/gpu_suite.sh RESULTS_DIR}
+results=${1:?usage: bash benchmarks/gpu_suite.sh RESULTS_DIR [train_throughput.py arguments]}
+shift
 mkdir -p "$results"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 bf16_lora="quant.load_in_4bit=false+model.dtype=bfloat16+quant.compute_dtype=bfloat16+train.precision=bf16+model.gradient_checkpointing=false"
-python benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora --samples 1024 \
+python3 benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora --samples 1024 \
     --runs "reference,trl,socratune,socratune@${bf16_lora},socratune@${bf16_lora}+train.batch_size=32+train.grad_accum=1,socratune@train.trained_logits_only=false" \
-    --output "$results/throughput.json" >"$results/throughput.md"
+    --output "$results/throughput.json" "$@" >"$results/throughput.md"
 echo "throughput: exit $?" | tee "$results/launch.log"
 
 # One epoch of the tiny model, no style generation (its morphological dictionary is not needed
@@ -34,12 +37,12 @@ runs=$(mktemp -d)
 config=$runs/tiny-one-epoch.yaml
 printf 'preset: tiny\ntrain: {epochs: 1}\nstyle: {eval_samples: 0}\n' >"$config"
 for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
-    if [[ $name == deepspeed_* ]] && ! python -c "import deepspeed" 2>/dev/null; then
+    if [[ $name == deepspeed_* ]] && ! python3 -c "import deepspeed" 2>/dev/null; then
         echo "$name: skipped (deepspeed is not installed)" | tee -a "$results/launch.log"
         continue
     fi
     run="$runs/$name"
-    accelerate launch --config_file "examples/accelerate/$name.yaml" --num_processes 1 \
+    python3 -m accelerate.commands.launch --config_file "examples/accelerate/$name.yaml" --num_processes 1 \
         -m socratune train --config "$config" --output "$run" >"$results/$name.log" 2>&1
     status=$?
     finished=$([[ -f $run/training_summary.json && -d $run/adapter ]] && echo "finished run directory" || echo "no finished run")
