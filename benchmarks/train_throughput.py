@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -315,7 +316,8 @@ def device_name() -> str:
 
 
 def known_peak_tflops(device: str) -> float | None:
-    return next((tflops for name, tflops in PEAK_TFLOPS.items() if name in device), None)
+    """The peak of the GPU named in ``device``, matched as a whole word ("L4" is not an "L40S")."""
+    return next((tflops for name, tflops in PEAK_TFLOPS.items() if re.search(rf"\b{name}\b", device)), None)
 
 
 def markdown(result: dict) -> str:
@@ -394,13 +396,14 @@ def main(argv: list[str] | None = None) -> int:
 
     path, data_note = data_path()
     threads = args.threads or os.cpu_count() or 1
+    args.peak_tflops = args.peak_tflops or known_peak_tflops(device_name())
     model = args.model
     if model == RANDOM_GEMMA2:
         cache = Path(tempfile.gettempdir()) / f"socratune-bench-{RANDOM_GEMMA2}-{args.layers}-layers"
         model = str(random_gemma2(cache, path, args.layers))
         args.model = f"{RANDOM_GEMMA2} ({args.layers} layers, random weights, {RANDOM_TOKENIZER_VOCAB}-token BPE)"
     spec = {"model": model, "preset": args.preset, "samples": args.samples, "data": str(path), "seed": 42,
-            "eval_dialogues": args.eval_dialogues, "threads": threads, "peak_tflops": args.peak_tflops or known_peak_tflops(device_name())}
+            "eval_dialogues": args.eval_dialogues, "threads": threads, "peak_tflops": args.peak_tflops}
     names = list(filter(None, args.runs.split(",")))
     attempts: dict[str, list[dict]] = {name: [] for name in names}
     failed: list[dict] = []
@@ -445,7 +448,7 @@ def summarize(attempts: dict[str, list[dict]], data_note: str, threads: int, arg
             fastest = max(tried, key=lambda r: r["tokens_per_s"])
             runs.append({**fastest, "tokens_per_s_all": [r["tokens_per_s"] for r in tried]})
     return {"device": device_name(), "threads": threads, "model": args.model, "data": data_note,
-            "peak_tflops": args.peak_tflops or known_peak_tflops(device_name()),
+            "peak_tflops": args.peak_tflops,
             "samples": args.samples, "eval_dialogues": runs[0]["eval_dialogues"] if runs else 0,
             "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs, "targets": targets(runs)}
 

@@ -126,7 +126,7 @@ def test_the_trainer_uses_trained_positions_as_configured_with_the_same_loss(tin
     examples = [Example(str(i), f["input_ids"], f["labels"]) for i, f in enumerate(features)]
     trainer = build_trainer(config, detect_hardware(), model, tokenizer, tmp_path, examples, examples[:2],
                             callbacks=[], fresh=False)
-    assert trainer.trained_positions_only is trained_logits_only
+    assert trainer.trained_logits_only is trained_logits_only
     batch = next(iter(trainer.get_train_dataloader()))
     rows = []
     probe = model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))

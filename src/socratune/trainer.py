@@ -105,12 +105,12 @@ class SocratuneTrainer(Trainer):
     trained token follows (``head_on_trained_positions``; evaluation keeps full logits for its
     metrics)."""
 
-    trained_positions_only = False  # set by build_trainer once the model passed the check
+    trained_logits_only = False  # set by build_trainer once the model passed the check
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         # nn.DataParallel (several GPUs in one process) splits the batch after the hook's mask was made.
-        if not self.trained_positions_only or return_outputs or not model.training or self.args.n_gpu > 1:
+        if not self.trained_logits_only or return_outputs or not model.training or self.args.n_gpu > 1:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         with head_on_trained_positions(head, inputs["labels"]) as targets:
@@ -208,7 +208,7 @@ def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, out
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the monitor logs progress through the socratune logger
-    trainer.trained_positions_only = config.train.trained_logits_only and head_fits_trained_positions(model)
+    trainer.trained_logits_only = config.train.trained_logits_only and head_fits_trained_positions(model)
     return trainer
 
 
