@@ -13,7 +13,11 @@ import torch
 from socratune.modeling import add_lora
 from socratune.packing import make_collator
 from socratune.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
-from socratune.trainer import as_features, head_fits_trained_positions, head_on_trained_positions
+from socratune.trainer import (
+    as_features,
+    head_fits_trained_positions,
+    head_on_trained_positions,
+)
 
 
 @pytest.fixture(scope="module")
