@@ -9,8 +9,9 @@
 #     GPU memory, eval loss; the JSON is rewritten after every run, so a cut-short suite keeps
 #     the rows it finished.
 #  2. The tiny model trained for one epoch through every config in examples/accelerate (DDP,
-#     FSDP, DeepSpeed ZeRO-2 and ZeRO-3; DeepSpeed only when it is installed), one process:
-#     proof that each config starts, trains and writes a finished run directory.
+#     FSDP, DeepSpeed ZeRO-2 and ZeRO-3; DeepSpeed only when it is installed), one process,
+#     with LoRA, and with QLoRA under the sharding ones (FSDP, ZeRO-3): proof that each config
+#     starts, trains and writes a finished run directory.
 #
 # Usage, from the repository root, after `pip install -e ".[bench]"` (and `pip install deepspeed`):
 #     bash benchmarks/gpu_suite.sh RESULTS_DIR [more train_throughput.py arguments]
@@ -34,18 +35,27 @@ echo "throughput: exit $?" | tee "$results/launch.log"
 # One epoch of the tiny model, no style generation (its morphological dictionary is not needed
 # to prove that a launcher trains).
 runs=$(mktemp -d)
-config=$runs/tiny-one-epoch.yaml
-printf 'preset: tiny\ntrain: {epochs: 1}\nstyle: {eval_samples: 0}\n' >"$config"
-for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
+printf 'preset: tiny\ntrain: {epochs: 1}\nstyle: {eval_samples: 0}\n' >"$runs/lora.yaml"
+printf 'preset: tiny\ntrain: {epochs: 1}\nstyle: {eval_samples: 0}\nquant: {load_in_4bit: true, compute_dtype: bfloat16}\n' \
+    >"$runs/qlora.yaml"
+
+launch() {  # launch CONFIG_NAME lora|qlora
+    local name=$1 kind=$2 run="$runs/$1-$2" status finished
     if [[ $name == deepspeed_* ]] && ! python3 -c "import deepspeed" 2>/dev/null; then
-        echo "$name: skipped (deepspeed is not installed)" | tee -a "$results/launch.log"
-        continue
+        echo "$name $kind: skipped (deepspeed is not installed)" | tee -a "$results/launch.log"
+        return
     fi
-    run="$runs/$name"
     python3 -m accelerate.commands.launch --config_file "examples/accelerate/$name.yaml" --num_processes 1 \
-        -m socratune train --config "$config" --output "$run" >"$results/$name.log" 2>&1
+        -m socratune train --config "$runs/$kind.yaml" --output "$run" >"$results/$name-$kind.log" 2>&1
     status=$?
     finished=$([[ -f $run/training_summary.json && -d $run/adapter ]] && echo "finished run directory" || echo "no finished run")
-    echo "$name: exit $status, $finished, $(grep -o '"eval_loss_final": [0-9.]*' "$run/training_summary.json" 2>/dev/null)" \
+    echo "$name $kind: exit $status, $finished, $(grep -o '"eval_loss_final": [0-9.]*' "$run/training_summary.json" 2>/dev/null)" \
         | tee -a "$results/launch.log"
+}
+
+for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
+    launch "$name" lora
+done
+for name in fsdp deepspeed_zero3; do
+    launch "$name" qlora
 done

@@ -71,11 +71,16 @@ class StyleCallback(TrainerCallback):
     the generated replies; teacher-forced argmax tokens are not replies and are never scored.
 
     The seconds it takes are logged as ``eval_style_runtime``, so what style monitoring costs
-    against training is on record in every run (``training_summary.json`` adds them up)."""
+    against training is on record in every run (``training_summary.json`` adds them up).
+
+    The main process generates alone, except when the model is ``sharded`` over the processes
+    (FSDP, ZeRO-3): then each forward needs all of them, so all generate the same replies in step
+    and the main one scores them."""
 
     def __init__(self, conversations: list[list[dict[str, str]]], scorer: StyleScorer, max_new_tokens: int,
-                 batch_size: int = 8):
+                 batch_size: int = 8, sharded: bool = False):
         self.conversations = conversations
+        self.sharded = sharded
         self.prompts = [c[-1]["content"] for c in conversations]
         self.scorer = scorer
         self.params = GenParams(max_new_tokens=max_new_tokens)
@@ -83,10 +88,13 @@ class StyleCallback(TrainerCallback):
         self.last_replies: list[str] = []
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
-        if not self.conversations or metrics is None or not state.is_world_process_zero:
+        if not self.conversations or metrics is None or not (state.is_world_process_zero or self.sharded):
             return
         started = time.perf_counter()
-        replies = generate_replies(model, processing_class, self.conversations, self.params, self.batch_size)
+        replies = generate_replies(model, processing_class, self.conversations, self.params, self.batch_size,
+                                   synced=self.sharded)
+        if not state.is_world_process_zero:
+            return
         self.last_replies = replies
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
         style = {f"eval_style_{axis}": round(means[axis], 4) for axis in STYLE_AXES}

@@ -118,3 +118,30 @@ class Ranks:
 
 
 SINGLE_PROCESS = Ranks()
+
+
+def sharding_engine() -> str | None:
+    """The engine of this ``accelerate launch`` if it shards parameters over the processes:
+    ``"fsdp"`` or ``"deepspeed-zero3"``, read from the variables the launcher sets; None for DDP,
+    ZeRO-1/2 or no launcher. Sharded QLoRA needs its own loading rules (see ``modeling``)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "deepspeed-zero3"
+    return None
+
+
+def gather_trainable_shards(model: Any) -> dict[str, Any] | None:
+    """The trainable (adapter) weights, whole and on the CPU, when FSDP2 has sharded them (each
+    is then a DTensor holding this process's slice); None when they are whole already.
+
+    Gathering is a collective: every process must call this, though only the main one saves.
+    Only the trainable weights are gathered, not the frozen base, which can be far larger.
+    """
+    from torch.distributed.tensor import DTensor
+
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not any(isinstance(p, DTensor) for p in trainable.values()):
+        return None
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu() for name, p in trainable.items()}

@@ -58,11 +58,15 @@ def generate_replies(
     params: GenParams = GenParams(),
     batch_size: int = 8,
     on_batch: Callable[[int, int], None] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """One reply per conversation (each a list of messages ending on a user turn), in input order.
 
     Prompts are batched shortest first, so a batch pads its rows to similar lengths instead of
     to the longest prompt of the file. ``on_batch(done, total)`` follows the progress.
+    ``synced``: the model is sharded over processes (FSDP, ZeRO-3), so every process calls this
+    with the same prompts and each forward is a collective; transformers' ``synced_gpus`` keeps
+    them stepping together until all are done.
     """
     import torch
 
@@ -79,7 +83,8 @@ def generate_replies(
             batch = tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True,
                               return_tensors="pt").to(model.device)
             with torch.no_grad():
-                output = model.generate(**batch, **params.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
+                output = model.generate(**batch, **params.generate_kwargs(), pad_token_id=tokenizer.pad_token_id,
+                                        synced_gpus=synced)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 replies[i] = text.strip()

@@ -100,18 +100,38 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str, hardware: Hardware):
+def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str, hardware: Hardware,
+                        sharded: bool = False):
+    """bitsandbytes' 4-bit settings.
+
+    ``sharded``: the launch shards parameters over processes (FSDP, DeepSpeed ZeRO-3), which
+    flatten and split floating tensors only, so the 4-bit bytes are stored in a floating dtype
+    (``bnb_4bit_quant_storage``), as bitsandbytes' and PEFT's FSDP-QLoRA guides prescribe: the
+    compute dtype for bfloat16 and float32, float32 for float16 (fp16 mixed precision cannot
+    train float16 parameters).
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
     # float16 compute is a GPU choice; bitsandbytes' CPU kernels compute in float32 or bfloat16.
     dtype = getattr(torch, compute_dtype) if hardware.device == "cuda" else torch.float32
+    storage = (torch.float32 if dtype == torch.float16 else dtype) if sharded else torch.uint8
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
     )
+
+
+def four_bit_placement(hardware: Hardware) -> dict[str, int | str]:
+    """Where bitsandbytes quantizes and keeps a 4-bit model: this process's GPU (the current
+    device, which ``Ranks.start`` sets from LOCAL_RANK under a launcher; GPU 0 for every process
+    would put all copies on one GPU), or the CPU."""
+    import torch
+
+    return {"": torch.cuda.current_device()} if hardware.device == "cuda" else {"": "cpu"}
 
 
 def load_base(
@@ -125,23 +145,33 @@ def load_base(
     compute_dtype: str = "float16",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    sharded: bool = False,
 ):
-    """Load the frozen base model, in 4-bit when asked (QLoRA)."""
+    """Load the frozen base model, in 4-bit when asked (QLoRA), on this process's GPU.
+
+    ``sharded`` (FSDP or ZeRO-3 launches): the 4-bit weights are stored in a floating dtype and
+    the rest of the model is loaded in that same dtype, so every tensor can be sharded; a model
+    that is not quantized stays on the CPU, for the engine to shard onto the GPUs (the reason to
+    shard is a model too large for one GPU).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, hardware), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype, hardware)
-        kwargs["device_map"] = {"": 0} if hardware.device == "cuda" else {"": "cpu"}
-        if hardware.device != "cuda":
-            kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+        quantization = quantization_config(quant_type, double_quant, compute_dtype, hardware, sharded)
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = four_bit_placement(hardware)
+        if sharded:
+            kwargs["dtype"] = quantization.bnb_4bit_quant_storage
+        elif hardware.device != "cuda":
+            kwargs["dtype"] = quantization.bnb_4bit_compute_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelError(f"cannot load model {source}: {exc}") from exc
-    if hardware.device == "cuda" and not load_in_4bit:
+    if hardware.device == "cuda" and not load_in_4bit and not sharded:
         model.to("cuda")
     return model
 
@@ -156,12 +186,19 @@ def add_lora(
     bias: str,
     quantized: bool,
     gradient_checkpointing: bool,
+    sharded: bool = False,
 ):
-    """Wrap the base in a trainable LoRA adapter; only adapter weights require grad."""
+    """Wrap the base in a trainable LoRA adapter; only adapter weights require grad.
+
+    ``sharded`` (FSDP or ZeRO-3): the model keeps the one dtype it was loaded in, adapters
+    included; PEFT's k-bit preparation, which casts norms and embeddings to float32, is skipped,
+    as TRL does for sharded QLoRA.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if quantized and not sharded:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -173,7 +210,7 @@ def add_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias=bias, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=not sharded)
 
 
 def load_adapter_for_inference(base, adapter_dir: Path):

@@ -26,7 +26,7 @@ from .data import (
     require_usable,
     write_rejections,
 )
-from .distributed import Ranks
+from .distributed import Ranks, sharding_engine
 from .errors import RunDirError, TrainingInterrupted
 from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
 from .rundir import (
@@ -216,20 +216,28 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
     )
     from .modeling import add_lora, detect_hardware, load_base, resolve_model_source
     from .style import StyleScorer, load_profile
-    from .trainer import build_trainer, summarize_run
+    from .trainer import adapter_state_for_saving, build_trainer, summarize_run
 
     # 4. Model: base (4-bit for QLoRA) plus a fresh LoRA adapter, its random init drawn from the
     #    run's seed so two runs of one config start from the same weights.
+    #    Under FSDP / ZeRO-3 (GPUs only: on a CPU accelerate runs an FSDP config as plain DDP) the
+    #    model is built so that every tensor can be sharded.
     set_seed(config.train.seed)
     hardware = detect_hardware()
+    engine = sharding_engine()
+    sharded = engine is not None and hardware.device == "cuda"
+    if engine == "fsdp" and not sharded and ranks.is_main:
+        logger.warning("FSDP config on a CPU: accelerate shards only on GPUs, so this run is plain data parallel "
+                       "(every process holds the whole model)")
     source = ranks.main_first(lambda: resolve_model_source(config.model.name_or_path, run.base_dir))
     base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
                      quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
                      compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
-                     trust_remote_code=config.model.trust_remote_code)
+                     trust_remote_code=config.model.trust_remote_code, sharded=sharded)
     model = add_lora(base, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
                      target_modules=config.lora.target_modules, bias=config.lora.bias,
-                     quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing)
+                     quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing,
+                     sharded=sharded)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("model %s on %s: %d trainable of %d parameters (%.2f%%); memory before training: %s",
                 source, hardware.name, trainable, total, 100 * trainable / total,
@@ -238,7 +246,7 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
     # 5. Trainer with the style and monitor callbacks; resume from the latest valid checkpoint.
     scorer = StyleScorer(load_profile(config.style.profile))
     style = StyleCallback(eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
-                          config.train.eval_batch_size)
+                          config.train.eval_batch_size, sharded=sharded and ranks.distributed)
     monitor = TrainingMonitorCallback(run / METRICS, run / PLOTS)
     stop = StopOnSignal(ranks)
     trainer = build_trainer(config, hardware, model, tokenizer, run.checkpoints_dir, train_examples, eval_examples,
@@ -255,11 +263,12 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
                                   f"{trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved",
                                   stop.received, str(run.path), trainer.state.global_step)
 
+    adapter_state = adapter_state_for_saving(trainer)  # under FSDP / ZeRO-3 every process gathers
     if not ranks.is_main:
         return TrainResult(run.path, False, {}, main_process=False)
 
     # 7. Final adapter + tokenizer, staged then renamed into place; config and summary last.
-    model.save_pretrained(run.staging_dir)
+    model.save_pretrained(run.staging_dir, state_dict=adapter_state)
     tokenizer.save_pretrained(run.staging_dir)
     replace_dir_atomic(run.staging_dir, run.adapter_dir)
     summary = summarize_run(trainer.state, run / METRICS, hardware, time.perf_counter() - started)

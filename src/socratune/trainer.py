@@ -212,6 +212,24 @@ def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, out
     return trainer
 
 
+def adapter_state_for_saving(trainer: Trainer) -> dict[str, Any] | None:
+    """The adapter's weights for the final save when the launch shards them, else None (then
+    the model's own state dict is whole). Every process must call this; the main one saves.
+
+    FSDP2 holds each adapter weight as per-process slices, gathered here (adapter only, not the
+    frozen base); FSDP1 and DeepSpeed ZeRO-3 go through accelerate's gathering, which for
+    ZeRO-3 needs ``zero3_save_16bit_model: true`` (set in examples/accelerate/deepspeed_zero3.yaml).
+    """
+    from .distributed import gather_trainable_shards
+
+    accelerator = trainer.accelerator
+    if trainer.is_deepspeed_enabled and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.is_fsdp_enabled and not accelerator.is_fsdp2:
+        return accelerator.get_state_dict(trainer.model_wrapped)
+    return gather_trainable_shards(trainer.model)
+
+
 def _best(entries: list[dict[str, Any]], key: str, lower_is_better: bool) -> tuple[float | None, int | None]:
     scored = [(e[key], e["step"]) for e in entries if e.get(key) is not None]
     if not scored:

@@ -1,0 +1,113 @@
+"""QLoRA under FSDP / DeepSpeed ZeRO-3: which launches count as sharded, the 4-bit storage dtype
+they get, and a 2-process FSDP2 run on the CPU (gloo) of the model ``socratune train`` builds for
+them: it shards the 4-bit weights (each process holds half), trains exactly like the unsharded
+model, generates the same replies with every process in step (the style evaluation's way under
+FSDP), and the adapter gathered from the shards saves and loads as the trained one. accelerate applies FSDP only on GPUs, so the CPU check calls torch's
+``fully_shard`` directly, as accelerate's FSDP2 path does.
+
+Run: ``python -m pytest -q tests/test_sharded_qlora.py`` (about 30 s on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from socratune.distributed import sharding_engine
+from socratune.modeling import (
+    Hardware,
+    add_lora,
+    four_bit_placement,
+    load_adapter_for_inference,
+    load_base,
+    quantization_config,
+)
+
+DRIVER = Path(__file__).with_name("fsdp_driver.py")
+GPU = Hardware("cuda", "test GPU", True, 1)
+CPU = Hardware("cpu", "cpu", False, 0)
+
+
+@pytest.mark.parametrize(("variables", "engine"), [
+    ({"ACCELERATE_USE_FSDP": "true"}, "fsdp"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed-zero3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+    ({"ACCELERATE_USE_FSDP": "false"}, None),
+    ({}, None),
+])
+def test_only_launches_that_shard_parameters_count_as_sharded(monkeypatch, variables, engine):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert sharding_engine() == engine
+
+
+@pytest.mark.parametrize(("compute", "storage"), [("bfloat16", torch.bfloat16), ("float16", torch.float32),
+                                                  ("float32", torch.float32)])
+def test_sharded_launches_store_4bit_weights_in_a_trainable_floating_dtype(compute, storage):
+    sharded = quantization_config("nf4", True, compute, GPU, sharded=True)
+    assert (sharded.bnb_4bit_quant_storage, sharded.bnb_4bit_compute_dtype) == (storage, getattr(torch, compute))
+    assert quantization_config("nf4", True, compute, GPU).bnb_4bit_quant_storage == torch.uint8
+
+
+def test_each_process_quantizes_onto_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # as set from LOCAL_RANK=3
+    assert four_bit_placement(GPU) == {"": 3}
+    assert four_bit_placement(CPU) == {"": "cpu"}
+
+
+def test_the_sharded_build_is_one_dtype_and_computes_what_the_ordinary_qlora_build_does(tmp_path):
+    from socratune.tiny import save_tiny
+
+    base_dir = save_tiny(tmp_path / "base")
+    batch = {"input_ids": torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"]
+    results = {}
+    for sharded in (False, True):
+        base = load_base(str(base_dir), hardware=CPU, load_in_4bit=True, sharded=sharded)
+        torch.manual_seed(0)
+        model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
+                         quantized=True, gradient_checkpointing=True, sharded=sharded)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[sharded] = (loss.item(), grads, {p.dtype for p in model.parameters()})
+    (plain_loss, plain_grads, plain_dtypes), (loss, grads, dtypes) = results[False], results[True]
+    assert torch.uint8 in plain_dtypes and dtypes == {torch.float32}  # FSDP shards floating tensors only
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert grads.keys() == plain_grads.keys() and all("lora_" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name])
+
+
+def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_model(tmp_path):
+    from socratune.tiny import save_tiny
+
+    base_dir = save_tiny(tmp_path / "base")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(DRIVER), str(base_dir), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank-{rank}.json").read_text(encoding="utf-8"))
+        assert result["dtypes"] == ["torch.float32"]
+        assert result["four_bit_bytes_here"] * 2 == result["four_bit_bytes_whole"] > 0
+        assert result["sharded_losses"] == pytest.approx(result["unsharded_losses"], abs=1e-5)
+        assert result["sharded_losses"][1] < result["sharded_losses"][0]
+        assert result["lora_moved"] > 1e-3
+        assert result["gathered_names_match"] and result["gathered_max_difference"] < 1e-5
+        assert result["sharded_replies"] == result["unsharded_replies"] and all(result["sharded_replies"])
+    # The adapter rank 0 saved from the gathered shards is the trained one.
+    model = load_adapter_for_inference(load_base(str(base_dir), hardware=CPU, load_in_4bit=True), tmp_path / "adapter")
+    ids = torch.tensor(result["input_ids"])
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(result["trained_loss"], abs=1e-5)
