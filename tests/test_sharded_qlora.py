@@ -2,7 +2,9 @@
 they get, and a 2-process FSDP2 run on the CPU (gloo) of the model ``socratune train`` builds for
 them: it shards the 4-bit weights (each process holds half), trains exactly like the unsharded
 model, generates the same replies with every process in step (the style evaluation's way under
-FSDP), and the adapter gathered from the shards saves and loads as the trained one. accelerate applies FSDP only on GPUs, so the CPU check calls torch's
+FSDP), the adapter gathered from the shards saves and loads as the trained one, and a checkpoint
+written and read by accelerate's FSDP functions (as the Trainer does) resumes exactly and passes
+socratune's checkpoint validation. accelerate applies FSDP only on GPUs, so the CPU check calls torch's
 ``fully_shard`` directly, as accelerate's FSDP2 path does.
 
 Run: ``python -m pytest -q tests/test_sharded_qlora.py`` (about 30 s on two cores).
@@ -28,6 +30,7 @@ from socratune.modeling import (
     load_base,
     quantization_config,
 )
+from socratune.rundir import checkpoint_problem, write_manifest
 
 DRIVER = Path(__file__).with_name("fsdp_driver.py")
 GPU = Hardware("cuda", "test GPU", True, 1)
@@ -106,6 +109,18 @@ def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_mo
         assert result["lora_moved"] > 1e-3
         assert result["gathered_names_match"] and result["gathered_max_difference"] < 1e-5
         assert result["sharded_replies"] == result["unsharded_replies"] and all(result["sharded_replies"])
+        assert result["resumed_losses"] == result["continued_losses"] and result["resumed_max_difference"] == 0.0
+    # The FSDP checkpoint (sharded adapter and optimizer folders) is complete once the Trainer's
+    # own files are beside it, and incomplete without the optimizer's folder.
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}), encoding="utf-8")
+    for name in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
+        torch.save({}, checkpoint / name)
+    write_manifest(checkpoint, world_size=2)
+    assert checkpoint_problem(checkpoint) is None
+    (checkpoint / "optimizer_0" / ".metadata").unlink()
+    write_manifest(checkpoint, world_size=2)
+    assert checkpoint_problem(checkpoint).startswith("no optimizer state (optimizer.pt / optimizer_0/.metadata")
     # The adapter rank 0 saved from the gathered shards is the trained one.
     model = load_adapter_for_inference(load_base(str(base_dir), hardware=CPU, load_in_4bit=True), tmp_path / "adapter")
     ids = torch.tensor(result["input_ids"])

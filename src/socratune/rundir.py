@@ -55,8 +55,16 @@ LOCK = ".lock"
 MANIFEST = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 # Files a Trainer checkpoint must hold to resume exactly (RNG state files are checked per process).
-CHECKPOINT_REQUIRED = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
-                       "scheduler.pt")
+CHECKPOINT_REQUIRED = ("trainer_state.json", "scheduler.pt")
+# The adapter and optimizer state, each in one of the layouts the Trainer writes: by itself on one
+# process and under DDP; through accelerate under FSDP (sharded: torch.distributed.checkpoint
+# folders, ``.metadata`` written last; full: one file each); DeepSpeed's engine keeps the optimizer
+# state in ``global_stepN/``. A path ending in "/" is a folder that must hold a file.
+CHECKPOINT_LAYOUTS = {
+    "adapter weights": (("adapter_model.safetensors", "adapter_config.json"), ("pytorch_model_fsdp_0/.metadata",),
+                        ("pytorch_model_fsdp.bin",)),
+    "optimizer state": (("optimizer.pt",), ("optimizer_0/.metadata",), ("optimizer.bin",), ("global_step{step}/",)),
+}
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -143,6 +151,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     for name in CHECKPOINT_REQUIRED:
         if name not in recorded:
             return f"{name} is missing"
+    for part, layouts in CHECKPOINT_LAYOUTS.items():
+        if not any(all(_recorded(recorded, name.format(step=step)) for name in layout) for layout in layouts):
+            return f"no {part} ({' / '.join(' + '.join(layout) for layout in layouts).format(step=step)})"
     for name in _rng_state_files(int(manifest.get("world_size", 1))):
         if name not in recorded:
             return f"{name} is missing"
@@ -162,6 +173,13 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if not (global_step == step == manifest.get("step")):
         return f"step numbers disagree: directory {step}, trainer state {global_step}, manifest {manifest.get('step')}"
     return None
+
+
+def _recorded(files: dict[str, Any], name: str) -> bool:
+    """Whether the manifest lists ``name``, or for a name ending in "/" a file in that folder."""
+    if name.endswith("/"):
+        return any(recorded.startswith(name) for recorded in files)
+    return name in files
 
 
 class RunDir:
