@@ -11,7 +11,8 @@
 #  2. The tiny model trained for one epoch through every config in examples/accelerate (DDP,
 #     FSDP, DeepSpeed ZeRO-2 and ZeRO-3; DeepSpeed only when it is installed), one process,
 #     with LoRA, and with QLoRA under the sharding ones (FSDP, ZeRO-3): proof that each config
-#     starts, trains and writes a finished run directory.
+#     starts, trains and writes a finished run directory; then the FSDP and ZeRO-3 LoRA runs are
+#     continued for a second epoch, which resumes from the checkpoint in the engine's layout.
 #
 # Usage, from the repository root, after `pip install -e ".[bench]"` (and `pip install deepspeed`):
 #     bash benchmarks/gpu_suite.sh RESULTS_DIR [more train_throughput.py arguments]
@@ -53,9 +54,23 @@ launch() {  # launch CONFIG_NAME lora|qlora
         | tee -a "$results/launch.log"
 }
 
+# A second epoch for a finished run: it must continue from the engine's checkpoint of step N.
+second_epoch() {  # second_epoch CONFIG_NAME lora|qlora
+    local name=$1 kind=$2 run="$runs/$1-$2" status log="$results/$1-$2-epoch2.log"
+    [[ -f $run/training_summary.json ]] || return
+    python3 -m accelerate.commands.launch --config_file "examples/accelerate/$name.yaml" --num_processes 1 \
+        -m socratune train --config "$runs/$kind.yaml" --output "$run" --epochs 2 >"$log" 2>&1
+    status=$?
+    echo "$name $kind, epoch 2: exit $status, $(grep -o 'continuing the finished run for more epochs from [^ ]*' "$log" | head -1)," \
+        "$(grep -o '"global_step": [0-9]*' "$run/training_summary.json")" | tee -a "$results/launch.log"
+}
+
 for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
     launch "$name" lora
 done
 for name in fsdp deepspeed_zero3; do
     launch "$name" qlora
+done
+for name in fsdp deepspeed_zero3; do
+    second_epoch "$name" lora
 done
