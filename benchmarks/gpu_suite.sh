@@ -20,6 +20,8 @@
 # CPU: bash benchmarks/gpu_suite.sh /tmp/suite --model tiny --preset tiny --samples 64
 # RESULTS_DIR receives throughput.json / throughput.md, launch.log (one line per config) and each
 # launch's log; the run directories themselves go to a temporary folder.
+# PARTS (default "throughput launches") picks the parts and their order, e.g. PARTS=launches, so
+# that a time-limited machine can run them as separate commands.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:?usage: bash benchmarks/gpu_suite.sh RESULTS_DIR [train_throughput.py arguments]}
@@ -27,11 +29,13 @@ shift
 mkdir -p "$results"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
-bf16_lora="quant.load_in_4bit=false+model.dtype=bfloat16+quant.compute_dtype=bfloat16+train.precision=bf16+model.gradient_checkpointing=false"
-python3 benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora --samples 1024 \
-    --runs "reference,trl,socratune,socratune@${bf16_lora},socratune@${bf16_lora}+train.batch_size=32+train.grad_accum=1,socratune@train.trained_logits_only=false" \
-    --output "$results/throughput.json" "$@" >"$results/throughput.md"
-echo "throughput: exit $?" | tee "$results/launch.log"
+throughput() {
+    local bf16_lora="quant.load_in_4bit=false+model.dtype=bfloat16+quant.compute_dtype=bfloat16+train.precision=bf16+model.gradient_checkpointing=false"
+    python3 benchmarks/train_throughput.py --model gemma2-2b-random --preset gemma2-2b-jpn-qlora --samples 1024 \
+        --runs "reference,trl,socratune,socratune@${bf16_lora},socratune@${bf16_lora}+train.batch_size=32+train.grad_accum=1,socratune@train.trained_logits_only=false" \
+        --output "$results/throughput.json" "$@" >"$results/throughput.md"
+    echo "throughput: exit $?" | tee -a "$results/launch.log"
+}
 
 # One epoch of the tiny model, no style generation (its morphological dictionary is not needed
 # to prove that a launcher trains).
@@ -65,12 +69,23 @@ second_epoch() {  # second_epoch CONFIG_NAME lora|qlora
         "$(grep -o '"global_step": [0-9]*' "$run/training_summary.json")" | tee -a "$results/launch.log"
 }
 
-for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
-    launch "$name" lora
-done
-for name in fsdp deepspeed_zero3; do
-    launch "$name" qlora
-done
-for name in fsdp deepspeed_zero3; do
-    second_epoch "$name" lora
+launches() {
+    local name
+    for name in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
+        launch "$name" lora
+    done
+    for name in fsdp deepspeed_zero3; do
+        launch "$name" qlora
+    done
+    for name in fsdp deepspeed_zero3; do
+        second_epoch "$name" lora
+    done
+}
+
+for part in ${PARTS:-throughput launches}; do
+    case $part in
+        throughput) throughput "$@" ;;
+        launches) launches ;;
+        *) echo "unknown part $part (throughput, launches)" >&2; exit 2 ;;
+    esac
 done
