@@ -8,8 +8,8 @@ Every rank builds the QLoRA model the way ``socratune train`` does under an FSDP
 ``torch.distributed.fsdp.fully_shard`` (the FSDP2 that accelerate applies on GPUs) per decoder
 layer and at the root, and takes two AdamW steps on both with the same batch. Then:
 
-- rank 0 saves the adapter gathered from the shards to ``OUT_DIR/adapter``, as ``socratune
-  train`` saves its final adapter;
+- rank 0 saves the adapter gathered from the shards to ``OUT_DIR/adapter`` and checks the
+  files against the trained weights, as ``socratune train`` does at the end of a sharded run;
 - both models generate replies, the sharded one with every rank in step, as the style
   evaluation does;
 - all save ``OUT_DIR/checkpoint-2`` with accelerate's FSDP checkpoint functions, as the Trainer
@@ -43,7 +43,13 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 from socratune.distributed import gather_trainable_shards
 from socratune.generate import GenParams, generate_replies
-from socratune.modeling import Hardware, add_lora, load_base, load_tokenizer
+from socratune.modeling import (
+    Hardware,
+    add_lora,
+    check_saved_adapter,
+    load_base,
+    load_tokenizer,
+)
 
 STEPS = 2
 PROMPTS = {0: ["勇気とは何だろうか？", "正義とは何か、教えてください。"],
@@ -119,8 +125,9 @@ def main(base_dir: str, out_dir: str) -> None:
     twin_losses = train_steps(twin, optimizer_for(twin), batch, STEPS)
     twin_lora = lora_weights(twin)
     gathered = gather_trainable_shards(model)
-    if rank == 0:  # what socratune train saves as the final adapter under FSDP
+    if rank == 0:  # what socratune train saves as the final adapter under FSDP, and its check
         model.save_pretrained(Path(out_dir, "adapter"), state_dict=gathered)
+        check_saved_adapter(Path(out_dir, "adapter"), model, gathered)
     with torch.no_grad():
         trained_loss = twin(**batch).loss.item()
 

@@ -22,9 +22,11 @@ import pytest
 import torch
 
 from socratune.distributed import sharding_engine
+from socratune.errors import ModelError
 from socratune.modeling import (
     Hardware,
     add_lora,
+    check_saved_adapter,
     four_bit_placement,
     load_adapter_for_inference,
     load_base,
@@ -126,3 +128,28 @@ def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_mo
     ids = torch.tensor(result["input_ids"])
     with torch.no_grad():
         assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(result["trained_loss"], abs=1e-5)
+
+
+def test_the_saved_adapter_check_catches_a_changed_or_missing_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from socratune.tiny import build_tiny
+
+    model, _ = build_tiny(seed=0)
+    lora = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none", quantized=False,
+                    gradient_checkpointing=False)
+    for name, parameter in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    lora.save_pretrained(tmp_path)
+    check_saved_adapter(tmp_path, lora)
+
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    changed = min(weights)
+    weights[changed] = weights[changed] + 1e-3
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ModelError, match=f"{changed} differs from the trained weight"):
+        check_saved_adapter(tmp_path, lora)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(ModelError, match="does not load"):
+        check_saved_adapter(tmp_path, lora)

@@ -224,6 +224,33 @@ def load_adapter_for_inference(base, adapter_dir: Path):
     return model
 
 
+def check_saved_adapter(adapter_dir: Path, model, state_dict: dict[str, Any] | None = None) -> None:
+    """Raise ModelError unless ``adapter_dir`` holds exactly the adapter weights of ``model``
+    (``state_dict``: its weights gathered from the processes of a sharded run).
+
+    Reads the adapter's files only, not the base: the check for runs whose base may not fit one
+    GPU, where reloading the bundle and generating is not possible.
+    """
+    import torch
+    from peft import PeftConfig, get_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        PeftConfig.from_pretrained(str(adapter_dir))
+        saved = load_file(path)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelError(f"the saved adapter in {adapter_dir} does not load: {exc}") from exc
+    expected = get_peft_model_state_dict(model, state_dict=state_dict)
+    if saved.keys() != expected.keys():
+        raise ModelError(f"{path} holds {len(saved)} tensors, the trained adapter {len(expected)}: "
+                         f"{sorted(saved.keys() ^ expected.keys())[:4]} ...")
+    for name, weight in expected.items():
+        if not torch.equal(saved[name], weight.detach().to("cpu", saved[name].dtype)):
+            raise ModelError(f"{path}: {name} differs from the trained weight")
+
+
 @dataclass(frozen=True)
 class RunModel:
     """Where a run's model comes from: its recorded config, the base to load and the adapter to put on it."""

@@ -276,9 +276,17 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
     write_json_atomic(run / TRAINING_CONFIG, _training_config(config, source, trainer, report, split, hardware))
 
     # 8. Reload the saved adapter from disk and answer one held-out prompt: a broken bundle fails here.
+    #    A sharded run's base may not fit one GPU (the reason to shard), and this process still
+    #    holds its share of training: there the saved files are compared with the trained weights.
     from .generate import GenParams, generate_replies
-    from .modeling import load_for_inference
+    from .modeling import check_saved_adapter, load_for_inference
 
+    if sharded:
+        check_saved_adapter(run.adapter_dir, model, adapter_state)
+        summary["sample_reply"] = None
+        write_json_atomic(run / SUMMARY, summary)
+        note = f"the saved adapter matches the trained weights (no sample reply under {engine}: it needs the whole base)"
+        return TrainResult(run.path, False, summary, notes=[note])
     reloaded, reloaded_tokenizer = load_for_inference(run.path)
     prompt = eval_conversations[0] if eval_conversations else [{"role": "user", "content": "幸福とは何だろうか？"}]
     reply = generate_replies(reloaded, reloaded_tokenizer, [prompt], GenParams(max_new_tokens=config.style.max_new_tokens))[0]
