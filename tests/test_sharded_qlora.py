@@ -13,13 +13,11 @@ Run: ``python -m pytest -q tests/test_sharded_qlora.py`` (about 30 s on two core
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import torchrun
 
 from socratune.distributed import sharding_engine
 from socratune.errors import ModelError
@@ -97,10 +95,7 @@ def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_mo
     from socratune.tiny import save_tiny
 
     base_dir = save_tiny(tmp_path / "base")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(DRIVER), str(base_dir), str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+    done = torchrun(str(DRIVER), str(base_dir), str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank-{rank}.json").read_text(encoding="utf-8"))

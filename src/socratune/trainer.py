@@ -223,9 +223,8 @@ def adapter_state_for_saving(trainer: Trainer) -> dict[str, Any] | None:
     from .distributed import gather_trainable_shards
 
     accelerator = trainer.accelerator
-    if trainer.is_deepspeed_enabled and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        return accelerator.get_state_dict(trainer.model_wrapped)
-    if trainer.is_fsdp_enabled and not accelerator.is_fsdp2:
+    zero3 = trainer.is_deepspeed_enabled and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if zero3 or (trainer.is_fsdp_enabled and not accelerator.is_fsdp2):
         return accelerator.get_state_dict(trainer.model_wrapped)
     return gather_trainable_shards(trainer.model)
 
