@@ -1,6 +1,9 @@
 """Shared fixtures: everything offline; the tiny tokenizer and the default run built once per session.
 
-Run the suite with ``python -m pytest -q`` from the repository root.
+Run the suite with ``python -m pytest -q`` from the repository root; ``-m "not slow"`` runs the
+fast tier only (no training, no subprocesses). A test is slow when it is marked
+``@pytest.mark.slow`` or uses a fixture that trains or serves (``SLOW_FIXTURES``): marking by
+fixture keeps new tests on a trained run out of the fast tier without anyone remembering to.
 """
 
 from __future__ import annotations
@@ -14,6 +17,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Fixtures that train a model (or load one trained in this session) or start a server.
+SLOW_FIXTURES = {"default_run", "default_model", "default_run_copy", "reference_run", "ddp_run", "loaded",
+                 "server", "browser", "exported"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

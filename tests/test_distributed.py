@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runs import DRIVER, SMALL_CONFIG, assert_same_adapter, small_inputs  # noqa: F401 - fixture
 
 from socratune.cli import main
+from test_runs import DRIVER, SMALL_CONFIG, assert_same_adapter, small_inputs  # noqa: F401 - fixture
 
 PER_PROCESS = SMALL_CONFIG.replace("epochs: 2", "epochs: 1").replace("save_steps: 4", "save_steps: 2")
 ONE_PROCESS = PER_PROCESS.replace("batch_size: 4", "batch_size: 8")

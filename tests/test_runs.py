@@ -42,7 +42,7 @@ DRIVER = Path(__file__).with_name("fault_driver.py")
 
 @pytest.fixture(scope="module")
 def small_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     folder = tmp_path_factory.mktemp("small")
     dialogues = json.loads(bundled_data_path().read_text(encoding="utf-8"))[:40]
@@ -270,6 +270,7 @@ def test_second_writer_is_refused_with_the_holders_pid(reference_run, tmp_path, 
         holder.wait()
 
 
+@pytest.mark.slow
 def test_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

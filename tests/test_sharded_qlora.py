@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import torchrun
 
 from socratune.distributed import sharding_engine
 from socratune.errors import ModelError
@@ -31,6 +30,7 @@ from socratune.modeling import (
     quantization_config,
 )
 from socratune.rundir import checkpoint_problem, write_manifest
+from test_distributed import torchrun
 
 DRIVER = Path(__file__).with_name("fsdp_driver.py")
 GPU = Hardware("cuda", "test GPU", True, 1)
@@ -66,6 +66,7 @@ def test_each_process_quantizes_onto_its_own_gpu(monkeypatch):
     assert four_bit_placement(CPU) == {"": "cpu"}
 
 
+@pytest.mark.slow
 def test_the_sharded_build_is_one_dtype_and_computes_what_the_ordinary_qlora_build_does(tmp_path):
     from socratune.tiny import save_tiny
 
@@ -91,6 +92,7 @@ def test_the_sharded_build_is_one_dtype_and_computes_what_the_ordinary_qlora_bui
         torch.testing.assert_close(grad, plain_grads[name])
 
 
+@pytest.mark.slow
 def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_model(tmp_path):
     from socratune.tiny import save_tiny
 

@@ -105,6 +105,7 @@ def test_any_shared_user_turn_groups_dialogues_even_through_a_chain_and_whitespa
         assert where["0"] == where["1"] == where["2"]
 
 
+@pytest.mark.slow
 def test_reordering_the_file_keeps_every_dialogues_side_and_order(tmp_path):
     rows = [{"messages": [{"role": "user", "content": d.turns[0].content},
                           {"role": "model", "content": f"では{i}番目の君に聞こう。なぜそう思うのかね？"}]}

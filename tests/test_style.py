@@ -201,6 +201,7 @@ def test_scoring_is_fast_after_the_dictionary_loads(scorer):
     assert len(replies) / (time.perf_counter() - start) >= 200
 
 
+@pytest.mark.slow
 def test_import_loads_neither_torch_nor_the_dictionary():
     code = (
         "import sys, socratune.style as s; "
