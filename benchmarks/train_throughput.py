@@ -19,7 +19,7 @@ differs is how each tool forms and computes batches:
   batch, gradient checkpointing on, bf16 autocast) given the same tokenized dialogues and labels.
   A name ``trl@key=value+key=value`` sets ``SFTConfig`` fields (``trl@bf16=false``: no bf16
   autocast, which a CPU without bf16 instructions emulates slowly).
-* ``socratune``: the preset's defaults through ``socratune.trainer.build_trainer``. A name
+* ``socratune``: the preset's defaults through ``socratune.hf_trainer.build_trainer``. A name
   ``socratune@key=value+key=value`` applies config overrides (to compare choices).
 
 Model: ``tiny`` by default; ``--model gemma2-2b-random`` builds a model of gemma-2-2b's exact shape
@@ -81,7 +81,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 def data_path() -> tuple[Path, str]:
     if SHARED_DATA.exists():
         return SHARED_DATA, "shared real data (../shared/data/socratic_dialogues_ja.json)"
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     return bundled_data_path(), "bundled sample (real data not present)"
 
@@ -97,8 +97,8 @@ def socratune_config(spec: dict, overrides: dict[str, str]):
 def prepare(spec: dict, config):
     """Tokenizer, train examples (exactly ``samples``, cycling if the data is small) and eval examples."""
     from socratune.data import load_dialogues
+    from socratune.examples import load_tokenizer_for
     from socratune.template import encode_dialogues
-    from socratune.train import load_tokenizer_for
 
     tokenizer = load_tokenizer_for(config)
     path = Path(spec["data"])
@@ -186,8 +186,8 @@ def build_reference(config, hardware, tokenizer, train, output_dir):
     from transformers import Trainer, TrainingArguments
 
     from socratune.config import load_config
+    from socratune.hf_trainer import as_features
     from socratune.template import PaddingCollator
-    from socratune.trainer import as_features
 
     config = config.model_copy(deep=True)
     config.lora.dropout = load_config(preset=REFERENCE_PRESET).lora.dropout
@@ -205,7 +205,7 @@ def build_trl(config, hardware, tokenizer, train, output_dir, overrides: dict[st
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from socratune.trainer import as_features
+    from socratune.hf_trainer import as_features
 
     c = config.lora
     peft_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
@@ -217,7 +217,7 @@ def build_trl(config, hardware, tokenizer, train, output_dir, overrides: dict[st
 
 
 def build_socratune(config, hardware, tokenizer, train, eval_examples, output_dir):
-    from socratune.trainer import build_trainer
+    from socratune.hf_trainer import build_trainer
 
     model = lora(base_model(config, hardware, config.model.attn_implementation), config,
                  config.model.gradient_checkpointing)
@@ -233,8 +233,8 @@ def eval_loss(model, tokenizer, examples, device: str) -> float:
     """Mean loss per trained (bot) token over the eval dialogues, computed the same way for every run."""
     import torch
 
+    from socratune.hf_trainer import as_features
     from socratune.template import IGNORE_INDEX, PaddingCollator
-    from socratune.trainer import as_features
 
     collate, features = PaddingCollator(tokenizer.pad_token_id), as_features(examples)
     model.eval()

@@ -19,23 +19,25 @@ import pytest
 from socratune.cli import main
 from socratune.errors import ConfigError, DataError
 from socratune.evaluate import (
-    AGREEMENT_PNG,
-    DISTRIBUTIONS_PNG,
     EVALUATION_DIR,
-    EVALUATION_JSON,
-    KEYS,
-    MEANS_PNG,
-    PROGRESSION_PNG,
-    REPORT_MD,
     EvalPrompt,
-    bootstrap_ci,
     followup,
     followup_script,
     load_prompts,
+)
+from socratune.judge import Judge, chat_completions_url, parse_verdict, public_url
+from socratune.report import (
+    AGREEMENT_PNG,
+    DISTRIBUTIONS_PNG,
+    EVALUATION_JSON,
+    MEANS_PNG,
+    PROGRESSION_PNG,
+    REPORT_MD,
+    bootstrap_ci,
     paired_comparison,
     rank_biserial,
 )
-from socratune.judge import Judge, chat_completions_url, parse_verdict, public_url
+from socratune.scores import SCORE_KEYS as KEYS
 from socratune.style import AXES, load_profile
 
 SECRET = "sk-test-SECRET-4242"

@@ -13,9 +13,9 @@ import torch
 
 from socratune.config import load_config
 from socratune.errors import ConfigError, ModelError
+from socratune.hf_trainer import as_features
 from socratune.packing import PackingCollator, break_even_context, make_collator
 from socratune.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
-from socratune.trainer import as_features
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def bundled_features(tiny):
     from socratune.data import load_dialogues
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     _, tokenizer = tiny
     path = bundled_data_path()
@@ -80,11 +80,12 @@ def test_labels_never_cross_a_dialogue_boundary(bundled_features, tiny):
     assert batch["input_ids"].shape[0] > 1 and "attention_mask" not in batch and batch["use_cache"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batching", ["padded", "packed"])
 def test_padding_is_below_ten_percent_of_processed_positions_on_the_bundled_sample(tiny, tmp_path, batching):
+    from socratune.hf_trainer import build_trainer
     from socratune.modeling import add_lora, detect_hardware
     from socratune.tiny import build_tiny
-    from socratune.trainer import build_trainer
 
     _, tokenizer = tiny
     config = load_config(overrides={"data.batching": batching})  # the shipped defaults otherwise
@@ -92,7 +93,7 @@ def test_padding_is_below_ten_percent_of_processed_positions_on_the_bundled_samp
     model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none", quantized=False,
                      gradient_checkpointing=False)
     from socratune.data import load_dialogues
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     examples, _ = encode_dialogues(tokenizer, load_dialogues(bundled_data_path()).kept, "sample", 384)
     trainer = build_trainer(config, detect_hardware(), model, tokenizer, tmp_path, examples, examples[:8],
@@ -106,17 +107,18 @@ def test_padding_is_below_ten_percent_of_processed_positions_on_the_bundled_samp
     assert 1 - real / processed < 0.10
 
 
+@pytest.mark.slow
 def test_packed_evaluation_in_the_trainer_equals_padded_evaluation(tiny, tmp_path):
+    from socratune.hf_trainer import build_trainer
     from socratune.modeling import add_lora, detect_hardware
     from socratune.tiny import build_tiny
-    from socratune.trainer import build_trainer
 
     _, tokenizer = tiny
     model, _ = build_tiny(seed=0)
     model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none", quantized=False,
                      gradient_checkpointing=False)
     from socratune.data import load_dialogues
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     examples, _ = encode_dialogues(tokenizer, load_dialogues(bundled_data_path()).kept, "sample", 384)
     results = {}

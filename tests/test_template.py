@@ -105,7 +105,7 @@ def test_batched_encoding_equals_one_dialogue_at_a_time(tiny_tokenizer):
     """The tokenizer is called per chunk of dialogues; every example still gets its own ids and
     labels, in order, across chunk boundaries."""
     from socratune.data import load_dialogues
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     conversations = [(d.id, chat_messages(d.messages(), True)) for d in load_dialogues(bundled_data_path()).kept[:23]]
     batched = encode_many(tiny_tokenizer, conversations, chunk=5)

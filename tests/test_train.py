@@ -9,6 +9,8 @@ import csv
 import json
 import math
 
+import pytest
+
 from socratune.cli import main
 from socratune.rundir import checkpoint_problem
 
@@ -117,6 +119,7 @@ def test_no_usable_dialogue_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "no usable dialogue" in err and "bad.jsonl" in err
 
 
+@pytest.mark.slow
 def test_qlora_run_trains_a_4bit_base(tmp_path):
     import bitsandbytes as bnb
 
@@ -166,8 +169,9 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_show_example_logs_the_trained_tokens_marked(tmp_path, capsys):
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     data = tmp_path / "few.json"
     data.write_text(json.dumps(json.loads(bundled_data_path().read_text(encoding="utf-8"))[:12],

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from socratune.modeling import add_lora
-from socratune.packing import make_collator
-from socratune.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
-from socratune.trainer import (
+from socratune.hf_trainer import (
     as_features,
     head_fits_trained_positions,
     head_on_trained_positions,
 )
+from socratune.modeling import add_lora
+from socratune.packing import make_collator
+from socratune.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def tiny_with_lora():
 @pytest.fixture(scope="module")
 def features(tiny_with_lora):
     from socratune.data import load_dialogues
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     _, tokenizer = tiny_with_lora
     path = bundled_data_path()
@@ -56,6 +56,7 @@ def loss_and_gradients(model, batch, trained_only: bool):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batching", ["padded", "packed"])
 def test_loss_and_gradients_equal_those_of_full_logits(tiny_with_lora, features, batching):
     model, tokenizer = tiny_with_lora
@@ -117,13 +118,14 @@ def test_a_model_that_reshapes_its_logits_keeps_full_logits(tiny_with_lora):
     assert head_fits_trained_positions(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trained_logits_only", [True, False])
 def test_the_trainer_uses_trained_positions_as_configured_with_the_same_loss(tiny_with_lora, features, tmp_path,
                                                                              trained_logits_only):
     from socratune.config import load_config
+    from socratune.hf_trainer import build_trainer
     from socratune.modeling import detect_hardware
     from socratune.template import Example
-    from socratune.trainer import build_trainer
 
     model, tokenizer = tiny_with_lora
     config = load_config(overrides={"train.trained_logits_only": trained_logits_only})

@@ -1,5 +1,5 @@
 """Trainer callbacks: style of generated replies, the training monitor, checkpoint manifests and
-rotation, and stopping cleanly on a signal.
+rotation, checkpoints at the best step (``train.select``), and stopping cleanly on a signal.
 
 They extend the transformers ``Trainer`` through its callback API only. Evaluation metrics are
 logged by the Trainer *before* ``on_evaluate`` runs, so the style callback adds its
@@ -12,7 +12,6 @@ are placed after it.
 from __future__ import annotations
 
 import csv
-import gc
 import logging
 import shutil
 import signal
@@ -25,40 +24,19 @@ from transformers import TrainerCallback
 
 from .distributed import SINGLE_PROCESS, Ranks
 from .generate import GenParams, generate_replies
+from .memory import release_memory, resource_usage
 from .rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
+from .scores import SCORE_KEYS, style_metric
+from .selection import best_evaluation, is_new_best
 from .style import StyleScorer, summarize
 
 logger = logging.getLogger("socratune")
-STYLE_AXES = ("tone", "approach", "format", "logic", "overall")
 STYLE_RUNTIME = "eval_style_runtime"  # seconds spent generating and scoring, beside HF's eval_runtime
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
-    *(f"eval_style_{axis}" for axis in STYLE_AXES),
+    *(style_metric(key) for key in SCORE_KEYS),
     "tokens_per_s", "rss_mb", "gpu_allocated_mb", "gpu_reserved_mb", "eval_runtime", STYLE_RUNTIME,
 ]
-
-
-def release_memory() -> None:
-    """Return cached accelerator memory and collect garbage (evaluation leaves large tensors)."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def resource_usage() -> dict[str, float | None]:
-    """Current process RSS and GPU memory in MB (GPU values None without CUDA)."""
-    import psutil
-    import torch
-
-    usage: dict[str, float | None] = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
-    if torch.cuda.is_available():
-        usage["gpu_allocated_mb"] = torch.cuda.memory_allocated() / 2**20
-        usage["gpu_reserved_mb"] = torch.cuda.memory_reserved() / 2**20
-    else:
-        usage["gpu_allocated_mb"] = usage["gpu_reserved_mb"] = None
-    return usage
 
 
 def _header(path: Path) -> list[str]:
@@ -97,7 +75,7 @@ class StyleCallback(TrainerCallback):
             return
         self.last_replies = replies
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
-        style = {f"eval_style_{axis}": round(means[axis], 4) for axis in STYLE_AXES}
+        style = {style_metric(key): round(means[key], 4) for key in SCORE_KEYS}
         style[STYLE_RUNTIME] = round(time.perf_counter() - started, 3)
         metrics.update(style)
         if state.log_history and "eval_loss" in state.log_history[-1]:
@@ -106,16 +84,18 @@ class StyleCallback(TrainerCallback):
 
 class CheckpointCallback(TrainerCallback):
     """Close every checkpoint the Trainer saves with a manifest of sizes and checksums, then keep
-    only the newest ``keep`` of them.
+    only the newest ``keep`` of them, plus the best one by ``select`` (the final adapter may be
+    taken from it).
 
     Rotation happens here rather than in the Trainer (``save_total_limit``), because the Trainer
     deletes old checkpoints before the new one is closed: a kill at that moment would leave no
     checkpoint to resume from.
     """
 
-    def __init__(self, keep: int, ranks: Ranks = SINGLE_PROCESS):
+    def __init__(self, keep: int, ranks: Ranks = SINGLE_PROCESS, select: str = "last"):
         self.keep = keep
         self.ranks = ranks
+        self.select = select
 
     def on_save(self, args, state, control, **kwargs):
         self.ranks.barrier()  # every process has written its RNG state before the manifest lists the files
@@ -128,10 +108,36 @@ class CheckpointCallback(TrainerCallback):
         write_manifest(newest, self.ranks.world_size)
         closed = sorted((p for p in checkpoints.iterdir() if checkpoint_step(p) is not None
                          and (p / MANIFEST).is_file()), key=checkpoint_step)
+        best = best_evaluation(state.log_history, self.select, {checkpoint_step(p) for p in closed})
         for old in closed[: max(0, len(closed) - self.keep)]:
-            if old != newest:
+            if old != newest and (best is None or checkpoint_step(old) != best["step"]):
                 shutil.rmtree(old)
                 logger.info("removed %s (keeping the newest %d checkpoints)", old.name, self.keep)
+
+
+class BestCheckpointCallback(TrainerCallback):
+    """Make the weights ``train.select`` may choose exist on disk: a checkpoint at every
+    evaluation that is the best so far, and an evaluation at the last step (so the last weights
+    are measured like the others). Placed after the style callback, whose numbers it may need.
+
+    Under several processes only the main one has style numbers; the decision to save is shared
+    so that every process saves together.
+    """
+
+    def __init__(self, select: str, ranks: Ranks = SINGLE_PROCESS):
+        self.select = select
+        self.ranks = ranks
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.select == "last" or state.global_step == 0:
+            return
+        new_best = state.is_world_process_zero and is_new_best(state.log_history, self.select, state.global_step)
+        if self.ranks.any_flag(new_best):
+            control.should_save = True
 
 
 class StopOnSignal(TrainerCallback):
@@ -179,11 +185,14 @@ class StopOnSignal(TrainerCallback):
 
 class TrainingMonitorCallback(TrainerCallback):
     """Append one ``metrics.csv`` row per log and evaluation (the file outlives resumes), refresh
-    the plots after each evaluation, and track peak memory."""
+    the plots after each evaluation (titled ``run_name``, the best step so far by ``select``
+    marked), and track peak memory."""
 
-    def __init__(self, metrics_path: Path, plots_dir: Path):
+    def __init__(self, metrics_path: Path, plots_dir: Path, run_name: str | None = None, select: str = "last"):
         self.metrics_path = metrics_path
         self.plots_dir = plots_dir
+        self.run_name = run_name
+        self.select = select
         self.peak_rss_mb = 0.0
         self.peak_gpu_mb: float | None = None
         self._last_time: float | None = None
@@ -230,5 +239,7 @@ class TrainingMonitorCallback(TrainerCallback):
                     metrics.get("eval_style_overall", "-"))
         from .plots import plot_metrics
 
-        plot_metrics(self.metrics_path, self.plots_dir)
+        best = best_evaluation(state.log_history, self.select)
+        plot_metrics(self.metrics_path, self.plots_dir, self.run_name, best["step"] if best else None,
+                     f"best by {self.select}")
         release_memory()

@@ -58,6 +58,7 @@ def _quote(text: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .selection import describe_selection
     from .train import train
 
     if args.delete_old and not args.overwrite:
@@ -82,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"eval loss {s['eval_loss_initial']} -> {s['eval_loss_final']}; "
               f"style score {s['style_score_initial']} -> {s['style_score_final']} (0-4)")
+        for line in describe_selection(s):
+            print(line)
         if result.sample_prompt is not None:
             print(f"sample reply to 「{result.sample_prompt}」: {result.sample_reply}")
     print(f"Model saved in {result.run_dir / 'adapter'}. Talk to it: socratune chat {_quote(run)}")
@@ -95,7 +98,7 @@ def _resume_command(run_dir: str) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data import write_rejections
-    from .train import load_tokenizer_for, prepare_examples
+    from .examples import load_tokenizer_for, prepare_examples
 
     args.data = args.file
     config = _config_from_args(args)
@@ -240,7 +243,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import KEYS, REPORT_MD, evaluate
+    from .evaluate import evaluate
+    from .report import REPORT_MD
+    from .scores import SCORE_KEYS as KEYS
     from .style import load_profile
 
     profile = load_profile(args.profile)

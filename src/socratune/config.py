@@ -98,6 +98,10 @@ class TrainSection(Section):
         True, description="compute the output head only where a trained token follows (same loss and gradients, "
         "checked on the model; with Gemma's 256,000-word head the step's largest tensor); false: at every position",
     )
+    select: Literal["best_eval_loss", "best_style", "last"] = Field(
+        "best_eval_loss", description="which step's weights become the final adapter: the lowest eval loss "
+        "(default: the least noisy signal), the highest style score (noisy: few generated replies), or the last step",
+    )
     seed: int = 42
 
 

@@ -1,5 +1,8 @@
-"""The transformers ``Trainer`` as socratune uses it: arguments from the config, one thin
-subclass, an on-device metric, and the end-of-run summary.
+"""The Hugging Face (transformers) ``Trainer`` as socratune uses it: arguments from the config,
+one thin subclass (trained-positions-only output head, resumable length-grouped order, memory
+released after evaluation), an on-device metric, and the end-of-run summary.
+
+Named for what it holds: ``train.py`` is the recipe that calls it.
 
 Plain ``Trainer`` rather than TRL's ``SFTTrainer``: ``template.py`` already owns tokenization and
 exact label masks, and SFTTrainer would re-prepare the dataset and adds nothing else we use.
@@ -10,16 +13,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .callbacks import STYLE_AXES, STYLE_RUNTIME, release_memory
+from .callbacks import STYLE_RUNTIME
 from .config import Config
+from .memory import release_memory
 from .packing import make_collator
 from .plots import read_metrics
+from .scores import SCORE_KEYS, style_metric
 from .template import IGNORE_INDEX, Example
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .modeling import Hardware
 
 SCHEDULER_KWARGS = {"cosine_with_restarts": {"num_cycles": 1}}
 
@@ -49,7 +61,7 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 
 
 @contextlib.contextmanager
-def head_on_trained_positions(head: Any, labels: Any) -> Iterator[Any]:
+def head_on_trained_positions(head: torch.nn.Module, labels: torch.Tensor) -> Iterator[torch.Tensor]:
     """While open, the output head sees only the positions whose next token is trained; yields
     those next tokens (the loss's targets, in the same order).
 
@@ -70,7 +82,7 @@ def head_on_trained_positions(head: Any, labels: Any) -> Iterator[Any]:
         handle.remove()
 
 
-def head_fits_trained_positions(model: Any) -> bool:
+def head_fits_trained_positions(model: PreTrainedModel | PeftModel) -> bool:
     """Whether this model's loss is unchanged when its head sees trained positions only.
 
     Checked on two short rows rather than assumed: remote model code may reshape logits after the
@@ -149,7 +161,7 @@ def bot_token_accuracy(prediction: Any) -> dict[str, float]:
     return {"bot_token_accuracy": float(((predicted == labels) & mask).sum() / total) if total else 0.0}
 
 
-def training_arguments(config: Config, hardware: Any, output_dir: Path, fresh: bool) -> TrainingArguments:
+def training_arguments(config: Config, hardware: Hardware, output_dir: Path, fresh: bool) -> TrainingArguments:
     from .modeling import resolve_precision
 
     t = config.train
@@ -193,9 +205,9 @@ def as_features(examples: list[Example]) -> list[dict[str, list[int]]]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
-def build_trainer(config: Config, hardware: Any, model: Any, tokenizer: Any, output_dir: Path,
-                  train_examples: list[Example], eval_examples: list[Example], callbacks: list[Any],
-                  fresh: bool) -> SocratuneTrainer:
+def build_trainer(config: Config, hardware: Hardware, model: PreTrainedModel | PeftModel,
+                  tokenizer: PreTrainedTokenizerBase, output_dir: Path, train_examples: list[Example],
+                  eval_examples: list[Example], callbacks: list[TrainerCallback], fresh: bool) -> SocratuneTrainer:
     trainer = SocratuneTrainer(
         model=model,
         args=training_arguments(config, hardware, output_dir, fresh),
@@ -237,7 +249,7 @@ def _best(entries: list[dict[str, Any]], key: str, lower_is_better: bool) -> tup
     return value, step
 
 
-def summarize_run(state: Any, metrics_path: Path, hardware: Any, duration_s: float) -> dict[str, Any]:
+def summarize_run(state: TrainerState, metrics_path: Path, hardware: Hardware, duration_s: float) -> dict[str, Any]:
     """``training_summary.json``: initial (before step 1), final and best eval loss and style score,
     seconds spent in evaluation (loss pass and style generation, over the whole run), peak memory,
     hardware. Built from the trainer state's history, which survives resumes."""
@@ -247,7 +259,7 @@ def summarize_run(state: Any, metrics_path: Path, hardware: Any, duration_s: flo
     gpu = [float(r["gpu_reserved_mb"]) for r in rows if r.get("gpu_reserved_mb")]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     loss_best, loss_best_step = _best(evals, "eval_loss", lower_is_better=True)
-    style_best, style_best_step = _best(evals, "eval_style_overall", lower_is_better=False)
+    style_best, style_best_step = _best(evals, style_metric("overall"), lower_is_better=False)
     return {
         "finished": state.global_step >= state.max_steps,
         "global_step": state.global_step,
@@ -257,12 +269,12 @@ def summarize_run(state: Any, metrics_path: Path, hardware: Any, duration_s: flo
         "eval_loss_final": last.get("eval_loss"),
         "eval_loss_best": loss_best,
         "eval_loss_best_step": loss_best_step,
-        "style_score_initial": first.get("eval_style_overall") if first.get("step") == 0 else None,
-        "style_score_final": last.get("eval_style_overall"),
+        "style_score_initial": first.get(style_metric("overall")) if first.get("step") == 0 else None,
+        "style_score_final": last.get(style_metric("overall")),
         "style_score_best": style_best,
         "style_score_best_step": style_best_step,
-        "style_initial": {a: first[f"eval_style_{a}"] for a in STYLE_AXES if f"eval_style_{a}" in first},
-        "style_final": {a: last[f"eval_style_{a}"] for a in STYLE_AXES if f"eval_style_{a}" in last},
+        "style_initial": {k: first[style_metric(k)] for k in SCORE_KEYS if style_metric(k) in first},
+        "style_final": {k: last[style_metric(k)] for k in SCORE_KEYS if style_metric(k) in last},
         "eval_loss_runtime_s": round(sum(e.get("eval_runtime", 0.0) for e in evals), 2),
         "style_runtime_s": round(sum(e.get(STYLE_RUNTIME, 0.0) for e in evals), 2),
         "tokens_seen": state.num_input_tokens_seen,

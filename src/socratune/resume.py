@@ -51,6 +51,7 @@ HARMLESS_KEYS = frozenset({
     "train.eval_steps",
     "train.save_steps",
     "train.save_total_limit",
+    "train.select",  # which saved step becomes the final adapter; training itself is the same
     "train.logging_steps",
     "train.eval_batch_size",
     "train.empty_cache_steps",

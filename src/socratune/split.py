@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .data import Dialogue
-from .errors import DataError
+from .errors import DataError, RunDirError
 from .rundir import write_json_atomic
 
 
@@ -172,3 +172,20 @@ def apply_split(split: Split, dialogues: list[Dialogue]) -> tuple[list[Dialogue]
     """``(train, eval)`` dialogues in split order; the split must match the data (``verify_split``)."""
     by_id = {d.id: d for d in dialogues}
     return [by_id[i] for i in split.train], [by_id[i] for i in split.eval]
+
+
+def split_for_run(split_path: Path, dialogues: list[Dialogue], seed: int, train_frac: float,
+                  eval_cap: int) -> Split:
+    """The run's split: the one saved at ``split_path`` when the run continues, else a new one.
+
+    A saved split that no longer matches the data is refused (RunDirError) rather than silently
+    re-drawn."""
+    if split_path.exists():
+        split = load_split(split_path)
+        differences = verify_split(split, dialogues)
+        if differences:
+            shown = "\n  ".join(differences[:10])
+            raise RunDirError(f"the data no longer matches the split saved in {split_path}:\n  {shown}\n"
+                              "use the original data, or --overwrite to start a new run")
+        return split
+    return split_dialogues(dialogues, seed, train_frac, eval_cap)

@@ -1,9 +1,14 @@
 """THE training recipe, read top to bottom: ``train(config)`` is the only place that wires the
-components together. Its steps are numbered below.
+components together. Its steps are numbered below; ``fit_and_save`` runs steps 4-8, each a named
+function over a ``FitJob`` (what the run prepared) and a ``BuiltModel``.
 
 Nothing is written before the data has been validated and tokenized, so bad input leaves the
 disk untouched. Progress goes to the ``socratune`` logger (the CLI shows it; ``train.log`` in
 the run directory keeps it); nothing here prints or exits.
+
+Seams: a training method other than supervised fine-tuning differs in its data and loss only,
+that is in ``make_trainer`` (the Trainer and its datasets); run management, selection of the
+final step, saving and checking the bundle are shared.
 """
 
 from __future__ import annotations
@@ -14,20 +19,37 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, dump_yaml
-from .data import (
-    Dialogue,
-    ValidationReport,
-    dataset_fingerprint,
-    load_dialogues,
-    require_usable,
-    write_rejections,
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from transformers import Trainer, TrainerCallback, set_seed
+
+from .callbacks import (
+    BestCheckpointCallback,
+    CheckpointCallback,
+    StopOnSignal,
+    StyleCallback,
+    TrainingMonitorCallback,
 )
+from .config import Config, dump_yaml
+from .data import ValidationReport, dataset_fingerprint, write_rejections
 from .distributed import Ranks, sharding_engine
-from .errors import RunDirError, TrainingInterrupted
+from .errors import TrainingInterrupted
+from .examples import data_path_for, load_tokenizer_for, prepare_examples, reply_prompts
+from .generate import GenParams, generate_replies
+from .hf_trainer import adapter_state_for_saving, build_trainer, summarize_run
+from .memory import resource_usage
+from .modeling import (
+    Hardware,
+    add_lora,
+    check_saved_adapter,
+    detect_hardware,
+    load_base,
+    load_for_inference,
+    resolve_model_source,
+)
 from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
 from .rundir import (
     CONFIG_YAML,
@@ -39,19 +61,19 @@ from .rundir import (
     SUMMARY,
     TRAINING_CONFIG,
     RunDir,
+    checkpoint_step,
     replace_dir_atomic,
     write_json_atomic,
     write_text_atomic,
 )
-from .split import (
-    Split,
-    apply_split,
-    load_split,
-    save_split,
-    split_dialogues,
-    verify_split,
-)
-from .template import Example, encode_dialogues, show_example
+from .selection import Selected, select_step
+from .split import Split, apply_split, load_split, save_split, split_for_run
+from .style import StyleScorer, load_profile
+from .template import Example, show_example
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger("socratune")
 
@@ -69,55 +91,33 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a distributed run: they print nothing
 
 
-def bundled_data_path() -> Path:
-    from importlib import resources
+@dataclass
+class FitJob:
+    """What steps 1-3 prepared for the fit: the run, its validated data split into examples, and
+    the checkpoint it resumes from (None: a fresh start)."""
 
-    return Path(str(resources.files("socratune") / "assets" / "sample_dialogues_ja.json"))
-
-
-def reply_prompts(dialogues: list[Dialogue]) -> list[list[dict[str, str]]]:
-    """Each dialogue cut before its last bot turn: the conversation a reply is generated for."""
-    return [d.messages()[:-1] for d in dialogues]
-
-
-def prepare_examples(config: Config, tokenizer: Any) -> tuple[ValidationReport, list[Example]]:
-    """Load, validate and tokenize the data; raises DataError when nothing usable is left."""
-    data_path = Path(config.data.path) if config.data.path else bundled_data_path()
-    report = load_dialogues(data_path)
-    require_usable(report)
-    examples, rejections = encode_dialogues(
-        tokenizer, report.kept, str(data_path), config.data.max_seq_len, config.data.loss_on
-    )
-    report.add_rejections(rejections)
-    require_usable(report)
-    return report, examples
+    config: Config
+    run: RunDir
+    ranks: Ranks
+    tokenizer: PreTrainedTokenizerBase
+    report: ValidationReport
+    split: Split
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    eval_conversations: list[list[dict[str, str]]]  # held-out prompts the style callback answers
+    resume: Path | None
+    started: float  # perf_counter() at the start of ``train``
 
 
-def decide_split(run: RunDir, kept: list[Dialogue], config: Config) -> Split:
-    """Reuse the persisted split when the run continues; a split that no longer matches the data
-    is refused rather than silently re-drawn."""
-    split_path = run / SPLIT
-    if split_path.exists():
-        split = load_split(split_path)
-        differences = verify_split(split, kept)
-        if differences:
-            shown = "\n  ".join(differences[:10])
-            raise RunDirError(f"the data no longer matches the split saved in {split_path}:\n  {shown}\n"
-                              "use the original data, or --overwrite to start a new run")
-        return split
-    return split_dialogues(kept, config.data.split_seed, config.data.train_frac, config.data.eval_cap)
+@dataclass
+class BuiltModel:
+    """The model being trained and where it runs."""
 
-
-def load_tokenizer_for(config: Config) -> Any:
-    """The training tokenizer; for ``tiny`` it is built in memory so nothing is written yet."""
-    from .modeling import TINY, load_tokenizer
-    from .tiny import build_tokenizer, bundled_texts
-
-    if config.model.name_or_path == TINY:
-        return build_tokenizer(bundled_texts())
-    from .modeling import resolve_model_source
-
-    return load_tokenizer(resolve_model_source(config.model.name_or_path, Path()), config.model.trust_remote_code)
+    model: PeftModel
+    source: str  # the base model's directory or hub id
+    hardware: Hardware
+    engine: str | None  # "fsdp", "deepspeed" or None (sharding_engine())
+    sharded: bool  # its tensors are sharded over the processes (FSDP / ZeRO-3 on GPUs)
 
 
 def train(config: Config, *, resume_from: str | None = None, show_example_first: bool = False,
@@ -133,12 +133,12 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     run = RunDir(config.run.output_dir)
     ranks = Ranks.from_env()  # under torchrun / accelerate launch: main decides and writes, all train
     ranks.start()
-    data_path = Path(config.data.path) if config.data.path else bundled_data_path()
+    data_path = data_path_for(config)
     fingerprint = dataset_fingerprint(data_path)
 
     # 1. New, resume or finished: decided from files on disk, before anything is written.
-    plan = ranks.decide(lambda: StartPlan("new") if overwrite else plan_start(
-        run, config.to_dict(), fingerprint, resume_from, allow_config_change, ranks.world_size))
+    plan = ranks.decide(partial(_plan_start, run, config, fingerprint, resume_from, overwrite,
+                                allow_config_change, ranks.world_size))
     if plan.kind == "finished":
         return TrainResult(run.path, True, run.summary() or {}, main_process=ranks.is_main)
     for change in plan.guarded_changes:
@@ -148,30 +148,64 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     tokenizer = load_tokenizer_for(config)
     report, examples = prepare_examples(config, tokenizer)
     logger.info(report.summary())
-    moved_aside = ranks.decide(lambda: move_aside(run) if overwrite and run.exists() else None)
+    moved_aside = ranks.decide(partial(_move_aside_for_overwrite, run, overwrite))
 
     with contextlib.ExitStack() as held:
         # 3. The run directory (main process): lock, config, rejected rows and the split on disk
         #    before training; then every process reads the persisted split.
-        ranks.decide(lambda: held.enter_context(run.lock()) and None)
+        ranks.decide(partial(_hold_lock, held, run))
         if ranks.is_main:
             held.callback(_detach_log_file, _attach_log_file(run / LOG))
-        ranks.decide(lambda: _open_run(run, plan, config, report, data_path, fingerprint, ranks.world_size))
+        ranks.decide(partial(_open_run, run, plan, config, report, data_path, fingerprint, ranks.world_size))
         split = load_split(run / SPLIT)
         train_dialogues, eval_dialogues = apply_split(split, report.kept)
         by_id = {e.dialogue_id: e for e in examples}
         train_examples = [by_id[d.id] for d in train_dialogues]
-        eval_examples = [by_id[d.id] for d in eval_dialogues]
         if show_example_first and ranks.is_main:
             logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, train_examples[0]))
-        result = _fit(config, run, ranks, tokenizer, report, split, train_examples, eval_examples,
-                      reply_prompts(eval_dialogues), plan.checkpoint, started)
+        job = FitJob(config, run, ranks, tokenizer, report, split, train_examples,
+                     [by_id[d.id] for d in eval_dialogues], reply_prompts(eval_dialogues), plan.checkpoint, started)
+        result = fit_and_save(job)
     if moved_aside is not None and ranks.is_main and delete_old:
         shutil.rmtree(moved_aside)
         result.notes.append(f"deleted the previous run {moved_aside}")
     elif moved_aside is not None:
         result.notes.append(f"the previous run is kept in {moved_aside}")
     return result
+
+
+def fit_and_save(job: FitJob) -> TrainResult:
+    """Steps 4-8: build the model and the Trainer, train, save the bundle from the selected
+    step, and check that it loads."""
+    built = build_model(job)
+    trainer, stop = make_trainer(job, built)
+    fit(job, trainer, stop)
+    adapter_state = adapter_state_for_saving(trainer)  # under FSDP / ZeRO-3 every process gathers
+    if not job.ranks.is_main:
+        return TrainResult(job.run.path, False, {}, main_process=False)
+    summary, selected = save_bundle(job, built, trainer, adapter_state)
+    return check_bundle(job, built, adapter_state, summary, selected)
+
+
+# --- steps 1 and 3: the run directory (main process decides, every process gets the outcome) ---
+
+
+def _plan_start(run: RunDir, config: Config, fingerprint: str, resume_from: str | None, overwrite: bool,
+                allow_config_change: bool, world_size: int) -> StartPlan:
+    """``--overwrite`` starts anew; otherwise new / resume / finished is read from the run."""
+    if overwrite:
+        return StartPlan("new")
+    return plan_start(run, config.to_dict(), fingerprint, resume_from, allow_config_change, world_size)
+
+
+def _move_aside_for_overwrite(run: RunDir, overwrite: bool) -> Path | None:
+    """Under ``--overwrite``, rename an existing run to ``RUN.old-TIMESTAMP``; returns where."""
+    return move_aside(run) if overwrite and run.exists() else None
+
+
+def _hold_lock(held: contextlib.ExitStack, run: RunDir) -> None:
+    """Take the run's lock for as long as ``held`` is open (raises when another process has it)."""
+    held.enter_context(run.lock())
 
 
 def _open_run(run: RunDir, plan: StartPlan, config: Config, report: ValidationReport, data_path: Path,
@@ -181,7 +215,8 @@ def _open_run(run: RunDir, plan: StartPlan, config: Config, report: ValidationRe
     record_start(run, plan, str(data_path), fingerprint, world_size)
     write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
     write_rejections(report.rejections, run / REJECTED)
-    split = decide_split(run, report.kept, config)
+    split = split_for_run(run / SPLIT, report.kept, config.data.split_seed, config.data.train_frac,
+                          config.data.eval_cap)
     save_split(split, run / SPLIT)
     logger.info("split: %d train, %d eval, %d held out (seed %d)",
                 len(split.train), len(split.eval), len(split.held_out), split.seed)
@@ -202,26 +237,16 @@ def _detach_log_file(handler: logging.Handler) -> None:
     handler.close()
 
 
-def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: ValidationReport, split: Split,
-         train_examples: list[Example], eval_examples: list[Example],
-         eval_conversations: list[list[dict[str, str]]], resume: Path | None, started: float) -> TrainResult:
-    from transformers import set_seed
+# --- steps 4-8 ---------------------------------------------------------------------------------
 
-    from .callbacks import (
-        CheckpointCallback,
-        StopOnSignal,
-        StyleCallback,
-        TrainingMonitorCallback,
-        resource_usage,
-    )
-    from .modeling import add_lora, detect_hardware, load_base, resolve_model_source
-    from .style import StyleScorer, load_profile
-    from .trainer import adapter_state_for_saving, build_trainer, summarize_run
 
-    # 4. Model: base (4-bit for QLoRA) plus a fresh LoRA adapter, its random init drawn from the
-    #    run's seed so two runs of one config start from the same weights.
-    #    Under FSDP / ZeRO-3 (GPUs only: on a CPU accelerate runs an FSDP config as plain DDP) the
-    #    model is built so that every tensor can be sharded.
+def build_model(job: FitJob) -> BuiltModel:
+    """4. The base (4-bit for QLoRA) plus a fresh LoRA adapter, its random init drawn from the
+    run's seed so two runs of one config start from the same weights.
+
+    Under FSDP / ZeRO-3 (GPUs only: on a CPU accelerate runs an FSDP config as plain DDP) the
+    model is built so that every tensor can be sharded."""
+    config, ranks = job.config, job.ranks
     set_seed(config.train.seed)
     hardware = detect_hardware()
     engine = sharding_engine()
@@ -229,7 +254,7 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
     if engine == "fsdp" and not sharded and ranks.is_main:
         logger.warning("FSDP config on a CPU: accelerate shards only on GPUs, so this run is plain data parallel "
                        "(every process holds the whole model)")
-    source = ranks.main_first(lambda: resolve_model_source(config.model.name_or_path, run.base_dir))
+    source = ranks.main_first(partial(resolve_model_source, config.model.name_or_path, job.run.base_dir))
     base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
                      quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
                      compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
@@ -242,68 +267,103 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
     logger.info("model %s on %s: %d trainable of %d parameters (%.2f%%); memory before training: %s",
                 source, hardware.name, trainable, total, 100 * trainable / total,
                 {k: round(v, 1) for k, v in resource_usage().items() if v is not None})
+    return BuiltModel(model, source, hardware, engine, sharded)
 
-    # 5. Trainer with the style and monitor callbacks; resume from the latest valid checkpoint.
+
+def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]:
+    """5. The Trainer over the job's examples, with the style, monitor, checkpoint and signal
+    callbacks. The one place where the training method (its data and loss) is chosen."""
+    config, run, ranks = job.config, job.run, job.ranks
+    select = config.train.select
     scorer = StyleScorer(load_profile(config.style.profile))
-    style = StyleCallback(eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
-                          config.train.eval_batch_size, sharded=sharded and ranks.distributed)
-    monitor = TrainingMonitorCallback(run / METRICS, run / PLOTS)
+    style = StyleCallback(job.eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
+                          config.train.eval_batch_size, sharded=built.sharded and ranks.distributed)
     stop = StopOnSignal(ranks)
-    trainer = build_trainer(config, hardware, model, tokenizer, run.checkpoints_dir, train_examples, eval_examples,
-                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit, ranks), stop],
-                            fresh=resume is None)
+    # Order matters: the style numbers are added to an evaluation before the others read it.
+    callbacks: list[TrainerCallback] = [
+        style,
+        TrainingMonitorCallback(run / METRICS, run / PLOTS, run.path.name, select),
+        BestCheckpointCallback(select, ranks),
+        CheckpointCallback(config.train.save_total_limit, ranks, select),
+        stop,
+    ]
+    trainer = build_trainer(config, built.hardware, built.model, job.tokenizer, run.checkpoints_dir,
+                            job.train_examples, job.eval_examples, callbacks=callbacks, fresh=job.resume is None)
+    return trainer, stop
 
-    # 6. Train; SIGTERM/SIGINT end it early with a checkpoint at the step reached.
+
+def fit(job: FitJob, trainer: Trainer, stop: StopOnSignal) -> None:
+    """6. Train, from the resume checkpoint when there is one; SIGTERM/SIGINT end it early with a
+    checkpoint at the step reached (raises TrainingInterrupted)."""
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.train(resume_from_checkpoint=str(job.resume) if job.resume else None)
     finally:
         stop.restore()
     if stop.received is not None:
         raise TrainingInterrupted(f"training stopped by {signal.Signals(stop.received).name} at step "
                                   f"{trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved",
-                                  stop.received, str(run.path), trainer.state.global_step)
+                                  stop.received, str(job.run.path), trainer.state.global_step)
 
-    adapter_state = adapter_state_for_saving(trainer)  # under FSDP / ZeRO-3 every process gathers
-    if not ranks.is_main:
-        return TrainResult(run.path, False, {}, main_process=False)
 
-    # 7. Final adapter + tokenizer, staged then renamed into place; config and summary last.
-    model.save_pretrained(run.staging_dir, state_dict=adapter_state)
-    tokenizer.save_pretrained(run.staging_dir)
+def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
+                adapter_state: dict[str, Any] | None) -> tuple[dict[str, Any], Selected]:
+    """7. The final adapter (the selected step's weights) and tokenizer, staged then renamed into
+    place; the training config and the summary's numbers. Main process only."""
+    config, run = job.config, job.run
+    state = trainer.state
+    checkpoints = {checkpoint_step(p): p for p in run.checkpoints()}
+    selected = select_step(state.log_history, config.train.select, state.global_step,
+                           [s for s, p in checkpoints.items() if (p / SAFETENSORS_WEIGHTS_NAME).is_file()])
+    built.model.save_pretrained(run.staging_dir, state_dict=adapter_state)
+    if selected.step != state.global_step:
+        # The checkpoint's adapter file holds exactly the weights of that step.
+        shutil.copy2(checkpoints[selected.step] / SAFETENSORS_WEIGHTS_NAME, run.staging_dir / SAFETENSORS_WEIGHTS_NAME)
+    job.tokenizer.save_pretrained(run.staging_dir)
     replace_dir_atomic(run.staging_dir, run.adapter_dir)
-    summary = summarize_run(trainer.state, run / METRICS, hardware, time.perf_counter() - started)
+    logger.info("final adapter: the weights of step %d (train.select: %s)", selected.step, config.train.select)
+    summary = summarize_run(state, run / METRICS, built.hardware, time.perf_counter() - job.started)
     summary["epochs"] = config.train.epochs
-    write_json_atomic(run / TRAINING_CONFIG, _training_config(config, source, trainer, report, split, hardware))
+    summary["selected"] = selected.as_dict()
+    write_json_atomic(run / TRAINING_CONFIG, _training_config(config, built, trainer, job.report, job.split))
+    return summary, selected
 
-    # 8. Reload the saved adapter from disk and answer one held-out prompt: a broken bundle fails here.
-    #    A sharded run's base may not fit one GPU (the reason to shard), and this process still
-    #    holds its share of training: there the saved files are compared with the trained weights.
-    from .generate import GenParams, generate_replies
-    from .modeling import check_saved_adapter, load_for_inference
 
-    if sharded:
-        check_saved_adapter(run.adapter_dir, model, adapter_state)
+def check_bundle(job: FitJob, built: BuiltModel, adapter_state: dict[str, Any] | None, summary: dict[str, Any],
+                 selected: Selected) -> TrainResult:
+    """8. Reload the saved adapter from disk and answer one held-out prompt: a broken bundle fails
+    here. A sharded run's base may not fit one GPU (the reason to shard), and this process still
+    holds its share of training: there the saved files are compared with the trained weights."""
+    run = job.run
+    if built.sharded:
+        if selected.step == summary["global_step"]:
+            check_saved_adapter(run.adapter_dir, built.model, adapter_state)
+            note = (f"the saved adapter matches the trained weights (no sample reply under {built.engine}: "
+                    "it needs the whole base)")
+        else:
+            note = (f"the saved adapter holds checkpoint-{selected.step}'s weights "
+                    f"(no sample reply under {built.engine})")
         summary["sample_reply"] = None
         write_json_atomic(run / SUMMARY, summary)
-        note = f"the saved adapter matches the trained weights (no sample reply under {engine}: it needs the whole base)"
         return TrainResult(run.path, False, summary, notes=[note])
     reloaded, reloaded_tokenizer = load_for_inference(run.path)
-    prompt = eval_conversations[0] if eval_conversations else [{"role": "user", "content": "幸福とは何だろうか？"}]
-    reply = generate_replies(reloaded, reloaded_tokenizer, [prompt], GenParams(max_new_tokens=config.style.max_new_tokens))[0]
+    conversations = job.eval_conversations
+    prompt = conversations[0] if conversations else [{"role": "user", "content": "幸福とは何だろうか？"}]
+    reply = generate_replies(reloaded, reloaded_tokenizer, [prompt],
+                             GenParams(max_new_tokens=job.config.style.max_new_tokens))[0]
     summary["sample_reply"] = {"prompt": prompt[-1]["content"], "reply": reply}
     write_json_atomic(run / SUMMARY, summary)
     return TrainResult(run.path, False, summary, prompt[-1]["content"], reply)
 
 
-def _training_config(config: Config, source: str, trainer: Any, report: ValidationReport, split: Split,
-                     hardware: Any) -> dict[str, Any]:
+def _training_config(config: Config, built: BuiltModel, trainer: Trainer, report: ValidationReport,
+                     split: Split) -> dict[str, Any]:
     """Everything needed to understand or repeat the run; holds no token or secret."""
     from importlib.metadata import version
 
     args = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
     return {
         "config": config.to_dict(),
-        "base_model": source,
+        "base_model": built.source,
         "training_arguments": args,
         "data": {
             "path": report.source,
@@ -312,7 +372,7 @@ def _training_config(config: Config, source: str, trainer: Any, report: Validati
             "split": {"seed": split.seed, "train": len(split.train), "eval": len(split.eval),
                       "held_out": len(split.held_out)},
         },
-        "hardware": hardware.as_dict(),
+        "hardware": built.hardware.as_dict(),
         "versions": {p: version(p) for p in ("socratune", "torch", "transformers", "peft", "accelerate",
                                               "bitsandbytes")},
     }

@@ -1,0 +1,80 @@
+"""Best-model selection (``train.select``) and one row per distinct model in ``evaluate``: the pure
+rules, on hand-written log histories and adapter files. The end-to-end checks on a trained run
+are in tests/test_train.py (``test_final_adapter_is_the_selected_checkpoint``)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from socratune.evaluate import Subject, adapter_fingerprint, merge_identical
+from socratune.selection import best_evaluation, describe_selection, is_new_best, last_is_clearly_worse, select_step
+
+HISTORY = [
+    {"step": 0, "eval_loss": 4.0, "eval_style_overall": 0.1},  # the untuned base: never selected
+    {"step": 10, "loss": 6.0},
+    {"step": 20, "eval_loss": 5.0, "eval_style_overall": 1.0},
+    {"step": 40, "eval_loss": 4.5, "eval_style_overall": 2.5},
+    {"step": 60, "eval_loss": 4.5, "eval_style_overall": 1.5},  # ties 40 on loss: the earlier wins
+    {"step": 80, "eval_loss": 5.2, "eval_style_overall": 2.0},
+]
+
+
+def test_best_step_by_loss_or_style_skips_the_base_and_takes_the_earliest_tie():
+    assert best_evaluation(HISTORY, "best_eval_loss")["step"] == 40
+    assert best_evaluation(HISTORY, "best_style")["step"] == 40
+    assert best_evaluation(HISTORY, "best_style", allowed_steps={20, 60, 80})["step"] == 80
+    assert best_evaluation(HISTORY, "last") is None
+    assert is_new_best(HISTORY[:4], "best_eval_loss", 40) and not is_new_best(HISTORY[:5], "best_eval_loss", 60)
+
+
+def test_selected_step_needs_its_weights_else_falls_back_to_the_last_step():
+    chosen = select_step(HISTORY, "best_eval_loss", 80, checkpoint_steps=[40, 80])
+    assert chosen.as_dict() == {"step": 40, "by": "best_eval_loss", "eval_loss": 4.5, "style_overall": 2.5}
+    assert select_step(HISTORY, "best_eval_loss", 80, checkpoint_steps=[80]).step == 80  # 40 was rotated away
+    assert select_step(HISTORY, "last", 80, [40, 80]).as_dict() == {
+        "step": 80, "by": "last", "eval_loss": 5.2, "style_overall": 2.0}
+    no_style = [{k: v for k, v in e.items() if k != "eval_style_overall"} for e in HISTORY]
+    fallback = select_step(no_style, "best_style", 80, [40, 80])
+    assert (fallback.step, fallback.by) == (80, "last")  # no style numbers: nothing to choose by
+
+
+def test_closing_lines_name_the_step_and_warn_when_the_last_step_is_clearly_worse():
+    summary = {"global_step": 80, "eval_loss_best": 4.5, "eval_loss_best_step": 40, "eval_loss_final": 5.2,
+               "selected": select_step(HISTORY, "last", 80, [80]).as_dict()}
+    assert last_is_clearly_worse(summary)
+    lines = describe_selection(summary)
+    assert "step 80 of 80" in lines[0] and lines[1].startswith("warning:") and "16% above" in lines[1]
+    summary["selected"] = select_step(HISTORY, "best_eval_loss", 80, [40, 80]).as_dict()
+    lines = describe_selection(summary)
+    assert "step 40 of 80" in lines[0] and lines[1].startswith("note:")
+    summary["eval_loss_final"] = 4.6  # within 5% of the best: no warning
+    assert len(describe_selection(summary)) == 1 and not last_is_clearly_worse(summary)
+
+
+def _write_adapter(folder: Path, tensors: dict[str, bytes], metadata: dict[str, str]) -> Path:
+    """A minimal safetensors file: F32 vectors, in the order given, with the metadata given."""
+    folder.mkdir(parents=True)
+    header, offset = {"__metadata__": metadata}, 0
+    for name, data in tensors.items():
+        header[name] = {"dtype": "F32", "shape": [len(data) // 4], "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded
+                                                       + b"".join(tensors.values()))
+    return folder
+
+
+def test_identical_adapters_are_one_row_whatever_the_file_metadata(tmp_path):
+    one, two = struct.pack("<2f", 1.0, 2.0), struct.pack("<2f", 3.0, 4.0)
+    first = _write_adapter(tmp_path / "checkpoint-40", {"a": one, "b": two}, {"format": "pt"})
+    other = _write_adapter(tmp_path / "checkpoint-80", {"a": two, "b": one}, {"format": "pt"})
+    final = _write_adapter(tmp_path / "adapter", {"b": two, "a": one}, {"format": "pt", "saved_by": "peft"})
+    assert adapter_fingerprint(first) == adapter_fingerprint(final) != adapter_fingerprint(other)
+    assert adapter_fingerprint(tmp_path / "missing") is None
+    subjects = [Subject("base", "base", 0, None), Subject("checkpoint-40", "checkpoint", 40, first),
+                Subject("checkpoint-80", "checkpoint", 80, other), Subject("tuned", "tuned", 80, final)]
+    merged = merge_identical(subjects)
+    assert [(s.name, s.step, s.aliases) for s in merged] == [
+        ("base", 0, ()), ("checkpoint-80", 80, ()), ("tuned", 40, ("checkpoint-40",))]
