@@ -3,7 +3,8 @@
 Run from the repository root::
 
     python benchmarks/style_eval_cost.py --output style_cost.json
-    python benchmarks/style_eval_cost.py --args "--preset gemma2-2b-jpn-qlora --data ../shared/data/socratic_dialogues_ja.json"
+    python benchmarks/style_eval_cost.py \
+        --args "--preset gemma2-2b-jpn-qlora --data ../shared/data/socratic_dialogues_ja.json"
 
 It runs ``socratune train`` exactly as a user would (the embedded default unless ``--args`` says
 otherwise) into a temporary run directory and reads back ``training_summary.json``: the

@@ -7,9 +7,9 @@ Run from the repository root (TRL comes with the ``bench`` extra: ``pip install 
     python benchmarks/train_throughput.py --threads 1 --repeat 3 --wait-load 1.5   # on a shared machine
 
 Every run trains the same model with the same LoRA adapter shape (the preset's rank, alpha and
-target modules, less ``lm_head``, which TRL refuses), learning rate, schedule and seed on the same dialogues (exactly ``--samples``)
-and then computes the same eval loss (bot tokens only, on the same held-apart dialogues). What
-differs is how each tool forms and computes batches:
+target modules, less ``lm_head``, which TRL refuses), learning rate, schedule and seed on the same
+dialogues (exactly ``--samples``) and then computes the same eval loss (bot tokens only, on the
+same held-apart dialogues). What differs is how each tool forms and computes batches:
 
 * ``reference``: the published notebook's recipe: every dialogue padded to 256 tokens, eager
   attention, batch 4 x gradient accumulation 8, gradient checkpointing, the notebook's LoRA
@@ -212,8 +212,9 @@ def build_trl(config, hardware, tokenizer, train, output_dir, overrides: dict[st
                              bias=c.bias, task_type="CAUSAL_LM")
     settings = {key: yaml.safe_load(value) for key, value in overrides.items()}
     args = SFTConfig(**{**common_arguments(config, hardware, output_dir), **settings})
-    return SFTTrainer(model=base_model(config, hardware, None), args=args, train_dataset=Dataset.from_list(as_features(train)),
-                      processing_class=tokenizer, peft_config=peft_config)
+    return SFTTrainer(model=base_model(config, hardware, None), args=args,
+                      train_dataset=Dataset.from_list(as_features(train)), processing_class=tokenizer,
+                      peft_config=peft_config)
 
 
 def build_socratune(config, hardware, tokenizer, train, eval_examples, output_dir):
@@ -339,7 +340,8 @@ def markdown(result: dict) -> str:
         lines.append(f"\n{run['name']} failed: {' '.join(run['error'])}")
     for name, target in result.get("targets", {}).items():
         lines.append(f"\nsocratune vs {name}: {target['speedup']:.2f}x tokens/s (target {target['speedup_target']}x: "
-                     f"{'met' if target['speedup_met'] else 'not met'}), eval loss {target['eval_loss_change_pct']:+.2f}% "
+                     f"{'met' if target['speedup_met'] else 'not met'}), "
+                     f"eval loss {target['eval_loss_change_pct']:+.2f}% "
                      f"(target within +2%: {'met' if target['eval_loss_met'] else 'not met'})")
     return "\n".join(lines)
 
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024, help="dialogues trained by every run (default 1024)")
     parser.add_argument("--eval-dialogues", type=int, default=100,
                         help="held-apart dialogues for the eval loss (default 100, the notebook's cap)")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated: reference, trl[@k=v+k=v], socratune[@k=v+k=v]")
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="comma-separated: reference, trl[@k=v+k=v], socratune[@k=v+k=v]")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per run (default: torch's choice, one per core)")
     parser.add_argument("--repeat", type=int, default=1,

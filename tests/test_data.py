@@ -97,7 +97,8 @@ def test_a_jsonl_file_whose_line_is_a_list_rejects_that_line(tmp_path):
 def test_content_whitespace_is_kept_as_given(tmp_path):
     row = msgs(("user", "  勇気とは何でしょう？\n"), ("model", "君は、恐れを知らぬことが勇気だと思うかね？ "))
     [dialogue] = load_dialogues(write_jsonl(tmp_path / "d.jsonl", [row])).kept
-    assert [t.content for t in dialogue.turns] == ["  勇気とは何でしょう？\n", "君は、恐れを知らぬことが勇気だと思うかね？ "]
+    assert [t.content for t in dialogue.turns] == ["  勇気とは何でしょう？\n",
+                                                   "君は、恐れを知らぬことが勇気だと思うかね？ "]
 
 
 def test_a_byte_order_mark_does_not_hide_a_json_list(tmp_path):
@@ -120,7 +121,8 @@ def test_a_byte_order_mark_does_not_hide_a_json_list(tmp_path):
     ({"messages": [{"role": ["user"], "content": "幸福とは？"}]}, "bad_role", "message 1 has role ['user']"),
     ({"messages": ["幸福とは？", {"role": "model", "content": "かね？"}]}, "bad_role",
      "message 1 is a string, not an object with role and content"),
-    (msgs(("user", " \u3000\n"), ("model", "君はどう思うかね？")), "empty_content", "message 1 (user) has empty content"),
+    (msgs(("user", " \u3000\n"), ("model", "君はどう思うかね？")), "empty_content",
+     "message 1 (user) has empty content"),
     (msgs(("user", "幸福とは？"), ("model", "")), "empty_content", "message 2 (model) has empty content"),
     (msgs(("user", 42), ("model", "かね？")), "empty_content", "message 1 (user) content is a number, not a string"),
     (msgs(("user", "幸福とは？"), ("model", None)), "empty_content", "message 2 (model) content is null"),

@@ -248,7 +248,9 @@ def test_evaluate_writes_a_consistent_report_and_keeps_the_previous_one(default_
     import matplotlib.pyplot as plt
 
     run = default_run_copy
-    first_checkpoint = min((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1])).name
+    selected = json.loads((run / "training_summary.json").read_text())["selected"]["step"]
+    first_checkpoint = min((p for p in (run / "checkpoints").iterdir() if p.name != f"checkpoint-{selected}"),
+                           key=lambda p: int(p.name.split("-")[1])).name  # its own row: not the final weights
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in [
         {"id": "q1", "prompt": "幸福とは何でしょうか。", "followups": ["お金があれば幸福です。"]},
@@ -313,3 +315,15 @@ def test_evaluate_refuses_unknown_checkpoints_and_unfinished_runs(default_run_co
     assert main(["evaluate", str(default_run_copy)]) == 2
     assert "not finished" in capsys.readouterr().err
     assert not (default_run_copy / EVALUATION_DIR).exists()
+
+
+def test_a_checkpoint_with_the_final_adapters_weights_is_one_row_listed_as_its_alias(default_run_copy):
+    from socratune.evaluate import evaluate
+
+    selected = json.loads((default_run_copy / "training_summary.json").read_text())["selected"]["step"]
+    name = f"checkpoint-{selected}"
+    data = evaluate(default_run_copy, limit=2, max_new_tokens=4, checkpoints=name).data
+    assert [(m["name"], m["step"], m["aliases"]) for m in data["models"]] == [
+        ("base", 0, []), ("tuned", selected, [name])]
+    assert {r["model"] for r in data["replies"]} == {"base", "tuned"}
+    assert f"| tuned (= {name}) |" in (default_run_copy / EVALUATION_DIR / REPORT_MD).read_text(encoding="utf-8")

@@ -70,7 +70,8 @@ def test_gguf_reads_back_with_llama_tensors_and_the_tokenizer(exported, default_
     tensors = {t.name: t for t in reader.tensors}
     assert set(tensors) == expected
     embed = tensors["token_embd.weight"]
-    assert list(reversed(embed.shape.tolist())) == [config.vocab_size, config.hidden_size]  # GGUF lists dims inner first
+    # GGUF lists dimensions innermost first
+    assert list(reversed(embed.shape.tolist())) == [config.vocab_size, config.hidden_size]
     assert torch.equal(torch.from_numpy(embed.data.copy()), merged.model.embed_tokens.weight.detach())
 
     tokens = field["tokenizer.ggml.tokens"]

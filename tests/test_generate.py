@@ -36,7 +36,8 @@ def test_batched_replies_flow_into_score_and_do_not_depend_on_the_batch_size(def
 
     replies = [json.loads(line) for line in replies_path.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in replies] == ["happiness", 2, 7]
-    assert [r["prompt"] for r in replies] == ["幸福とは何でしょうか？", "正義とは何でしょうか？", "恐れないことだと思います。"]
+    assert [r["prompt"] for r in replies] == ["幸福とは何でしょうか？", "正義とは何でしょうか？",
+                                              "恐れないことだと思います。"]
     # left padding: a reply is the same whether its prompt shared a batch with a longer one or went alone
     alone = generate_replies(*default_model, [i.messages for i in read_prompts(prompts)], GenParams(max_new_tokens=16),
                              batch_size=1)

@@ -103,8 +103,8 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 def run_with_fault(fault: str, step: int, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(DRIVER), fault, str(step), *args], capture_output=True, text=True, check=False,
-                          env=env, timeout=600)
+    return subprocess.run([sys.executable, str(DRIVER), fault, str(step), *args], capture_output=True, text=True,
+                          check=False, env=env, timeout=600)
 
 
 def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(small_inputs, reference_run, tmp_path, capsys):

@@ -78,3 +78,44 @@ def test_identical_adapters_are_one_row_whatever_the_file_metadata(tmp_path):
     merged = merge_identical(subjects)
     assert [(s.name, s.step, s.aliases) for s in merged] == [
         ("base", 0, ()), ("checkpoint-80", 80, ()), ("tuned", 40, ("checkpoint-40",))]
+
+
+def test_rotation_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from socratune.callbacks import CheckpointCallback
+    from socratune.rundir import MANIFEST
+
+    for step in (20, 40, 60, 80):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"weights")
+    state = TrainerState(global_step=80, log_history=HISTORY)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    for step in (20, 40, 60):  # closed earlier
+        CheckpointCallback(keep=100).on_save(args, TrainerState(global_step=step, log_history=HISTORY),
+                                             TrainerControl())
+    CheckpointCallback(keep=2, select="best_eval_loss").on_save(args, state, TrainerControl())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-40", "checkpoint-60", "checkpoint-80"]
+    assert all((tmp_path / name / MANIFEST).is_file() for name in ("checkpoint-40", "checkpoint-80"))
+    CheckpointCallback(keep=2, select="last").on_save(args, state, TrainerControl())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-60", "checkpoint-80"]
+
+
+def test_a_new_best_evaluation_is_saved_and_the_last_step_is_evaluated():
+    from transformers import TrainerControl, TrainerState
+
+    from socratune.callbacks import BestCheckpointCallback
+
+    best = BestCheckpointCallback("best_eval_loss")
+    for step, saved in ((0, False), (20, True), (40, True), (60, False), (80, False)):
+        control = TrainerControl()
+        state = TrainerState(global_step=step, max_steps=80,
+                             log_history=[e for e in HISTORY if e["step"] <= step])
+        best.on_evaluate(None, state, control)
+        assert control.should_save is saved, step
+    control = TrainerControl()
+    best.on_step_end(None, TrainerState(global_step=80, max_steps=80), control)
+    assert control.should_evaluate
+    control = TrainerControl()
+    BestCheckpointCallback("last").on_evaluate(None, TrainerState(global_step=20, log_history=HISTORY[:3]), control)
+    assert not control.should_save

@@ -189,7 +189,7 @@ def test_bad_requests_get_4xx_in_openai_error_shape(server):
         assert error["type"] == "invalid_request_error"
         assert (error["param"], error["code"]) == (param, code), error
 
-    for what, payload, status, param, code in _bad_requests(server.engine.model_id):
+    for _what, payload, status, param, code in _bad_requests(server.engine.model_id):
         got_status, _, body = chat(server, payload)
         check(got_status, body, status, param, code)
 

@@ -118,7 +118,8 @@ def test_reordering_the_file_keeps_every_dialogues_side_and_order(tmp_path):
     a, b = (load_dialogues(tmp_path / name).kept for name in ("a.jsonl", "b.jsonl"))
     split_a, split_b = split_dialogues(a, seed=7), split_dialogues(b, seed=7)
     for side in ("train", "eval", "held_out"):
-        assert [split_a.hashes[i] for i in getattr(split_a, side)] == [split_b.hashes[i] for i in getattr(split_b, side)]
+        side_a, side_b = getattr(split_a, side), getattr(split_b, side)
+        assert [split_a.hashes[i] for i in side_a] == [split_b.hashes[i] for i in side_b]
     assert split_a.train != split_b.train  # the ids did change: the file really was reordered
 
 

@@ -96,7 +96,8 @@ def test_giving_the_answer_then_asking_for_approval_is_half_way(scorer):
         ("君は幸福とは何だと考えるのかね？😊", "emoji '😊'"),
         ("hello 君は幸福とは何だと考えるのかね？", "English word 'hello'"),
         ("君は幸福とは  何だと考えるのかね？", "1 run(s) of spaces inside the text"),
-        ("君は幸福とは何だと考えるのかね？\\nでは続けよう。", "1 odd line break(s) (mid-sentence, blank runs or a literal \\n)"),
+        ("君は幸福とは何だと考えるのかね？\\nでは続けよう。",
+         "1 odd line break(s) (mid-sentence, blank runs or a literal \\n)"),
         ("君は幸福とは##何だと考えるのかね？", "stray symbol '#'"),
     ],
 )

@@ -73,7 +73,8 @@ def test_echoing_the_user_loses_logic_and_approach(scorer):
     echo = scorer.score(prompt, prompt)
     assert echo.logic <= 1.5 and echo.approach <= 2.0
     assert "repeats the user's message (100% alike)" in echo.explanations
-    restated = scorer.score("運命は決まっている、と君は思うのかね？では、決まっているとは何を意味するのだろう？", prompt)
+    restated = scorer.score("運命は決まっている、と君は思うのかね？"
+                            "では、決まっているとは何を意味するのだろう？", prompt)
     assert restated.logic >= 3.5 and restated.approach >= 3.5
 
 
@@ -95,7 +96,8 @@ def test_a_question_after_a_long_explanation_is_an_afterthought(scorer):
 
 
 def test_polite_reply_that_asks_ranks_above_one_that_explains(scorer):
-    asking = scorer.score("なるほど、あなたは怠けることについて悩んでいるのですね。では、怠けるとはどういうことでしょうか？"
+    asking = scorer.score("なるほど、あなたは怠けることについて悩んでいるのですね。"
+                          "では、怠けるとはどういうことでしょうか？"
                           "休むことと怠けることは同じでしょうか？")
     explaining = scorer.score("知識と賢さは違うものです。知識は情報の量ですが、賢さはそれをどう使うかです。")
     assert explaining.tone == 0.0 and 0.3 <= asking.tone <= 1.2
@@ -121,6 +123,7 @@ def test_stutter_and_loops_lower_tone_and_approach_not_only_logic(scorer):
 def test_chinese_and_emoji(scorer):
     chinese = scorer.score("美しさか。君が美しいと感じるものは、他人も美しいと感じるだろうか？这是一个好问题。")
     assert chinese.format <= 3.0 and "non-Japanese script '这'" in chinese.explanations
-    emoji = scorer.score("永遠か、面白い言葉だね🤔 君は、変わらないことが友情の条件だと考えるのかな？✨", "友情は永遠に続きますか。")
+    emoji = scorer.score("永遠か、面白い言葉だね🤔 君は、変わらないことが友情の条件だと考えるのかな？✨",
+                         "友情は永遠に続きますか。")
     # Emoji cost format only; they are not unknown words or a cut-off sentence.
     assert emoji.format <= 2.5 and emoji.logic >= 3.5

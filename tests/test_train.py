@@ -72,6 +72,26 @@ def test_checkpoints_are_intermediate_and_validated(default_run):
     assert all(checkpoint_problem(c) is None for c in checkpoints)
 
 
+def test_final_adapter_is_the_selected_checkpoint(default_run):
+    """train.select (default best_eval_loss): the trained step with the lowest eval loss is chosen,
+    its checkpoint is kept, and the final adapter holds exactly that checkpoint's tensors."""
+    from safetensors.torch import load_file
+
+    summary = json.loads((default_run / "training_summary.json").read_text())
+    with (default_run / "metrics.csv").open(encoding="utf-8") as handle:
+        evals = [r for r in csv.DictReader(handle) if r["eval_loss"] and r["step"] != "0"]
+    best = min(evals, key=lambda r: (float(r["eval_loss"]), int(r["step"])))
+    selected = summary["selected"]
+    assert set(selected) == {"step", "by", "eval_loss", "style_overall"}
+    assert selected["by"] == "best_eval_loss" and selected["step"] == int(best["step"])
+    assert math.isclose(selected["eval_loss"], float(best["eval_loss"]), rel_tol=1e-6)
+    assert evals[-1]["step"] == str(summary["global_step"])  # the last step is evaluated too
+    final = load_file(default_run / "adapter" / "adapter_model.safetensors")
+    chosen = load_file(default_run / "checkpoints" / f"checkpoint-{selected['step']}" / "adapter_model.safetensors")
+    assert final.keys() == chosen.keys() and all(bool((final[k] == chosen[k]).all()) for k in final)
+    assert f"final adapter: the weights of step {selected['step']}" in (default_run / "train.log").read_text()
+
+
 def test_adapter_loads_with_plain_peft_and_changes_the_model(default_run):
     import torch
     from peft import PeftModel

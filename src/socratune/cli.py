@@ -267,7 +267,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{key}: {verdict} (Wilcoxon p={c['p_greater']:.3g}, rank-biserial {c['rank_biserial']:+.2f})")
     for axis, agreement in stats.get("agreement", {}).items():
         rho = agreement["spearman"]
-        print(f"judge agreement {axis}: Spearman {'n/a' if rho is None else f'{rho:.2f}'} over {agreement['n']} replies")
+        shown = "n/a" if rho is None else f"{rho:.2f}"
+        print(f"judge agreement {axis}: Spearman {shown} over {agreement['n']} replies")
     print(f"Report: {result.folder / REPORT_MD}")
     if result.previous:
         print(f"The previous report was kept in {result.previous}")
@@ -358,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write scores here instead of stdout")
     p.set_defaults(handler=cmd_score)
 
-    p = sub.add_parser("evaluate", help="base vs tuned model vs checkpoints on held-out prompts; report in RUN/evaluation")
+    p = sub.add_parser("evaluate",
+                       help="base vs tuned model vs checkpoints on held-out prompts; report in RUN/evaluation")
     p.add_argument("run_dir")
     p.add_argument("--prompts", help='JSONL {"id": ..., "prompt": ..., "followups": [...] (optional)}; '
                                      "default: 40 bundled held-out questions")

@@ -206,8 +206,9 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
         if problem is None:
             out.append((number, value))
         else:
+            detail = problem.removeprefix("invalid JSON: ")
             out.append((number, Rejection(str(path), len(out), number, "invalid_json",
-                                          f"not valid JSON at line {number}: {problem.removeprefix('invalid JSON: ')}")))
+                                          f"not valid JSON at line {number}: {detail}")))
     if out and all(isinstance(record, Rejection) for _, record in out):
         # Not one line parsed: this is not JSONL with a few bad rows but a file of another kind.
         try:

@@ -84,7 +84,8 @@ def merge_run(resolved: RunModel) -> tuple[Any, list[str]]:
     config = resolved.config
     notes = []
     if config.quant.load_in_4bit:
-        notes.append(f"QLoRA run: the adapter is merged into the base loaded unquantized in {config.quant.compute_dtype} "
+        notes.append("QLoRA run: the adapter is merged into the base loaded unquantized in "
+                     f"{config.quant.compute_dtype} "
                      "(quant.compute_dtype), not into 4-bit weights; quantize the merged model afterwards if you "
                      "need it smaller")
     try:
@@ -249,7 +250,8 @@ def _add_tokenizer(writer: Any, model: Any, tokenizer: Any) -> None:
                                        "eos": probe[-1] == tokenizer.eos_token_id}
     special_vocab.add_to_gguf(writer, quiet=True)
     eos = model.generation_config.eos_token_id
-    end_of_turn = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i != tokenizer.eos_token_id]
+    end_of_turn = [i for i in (eos if isinstance(eos, list) else [eos])
+                   if i is not None and i != tokenizer.eos_token_id]
     if end_of_turn:
         writer.add_eot_token_id(end_of_turn[0])
 

@@ -39,7 +39,8 @@ def detect_hardware() -> Hardware:
     import torch
 
     if torch.cuda.is_available():
-        return Hardware("cuda", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported(), torch.cuda.device_count())
+        return Hardware("cuda", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported(),
+                        torch.cuda.device_count())
     return Hardware("cpu", platform.processor() or platform.machine(), False, 0)
 
 

@@ -121,7 +121,8 @@ def compute_statistics(records: list[dict], names: list[str], seed: int, judged:
     for key in SCORE_KEYS:
         tuned, base = _unit_values(records, "tuned", key, "scores"), _unit_values(records, "base", key, "scores")
         shared = sorted(tuned.keys() & base.keys())
-        comparison[key] = {"base_mean": _mean([base[p] for p in shared]), "tuned_mean": _mean([tuned[p] for p in shared]),
+        comparison[key] = {"base_mean": _mean([base[p] for p in shared]),
+                           "tuned_mean": _mean([tuned[p] for p in shared]),
                            **paired_comparison([tuned[p] for p in shared], [base[p] for p in shared])}
     stats: dict[str, Any] = {"summary": summary, "by_turn": by_turn, "tuned_vs_base": comparison}
     if judged:

@@ -54,6 +54,7 @@ from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_st
 from .rundir import (
     CONFIG_YAML,
     LOG,
+    MANIFEST,
     METRICS,
     PLOTS,
     REJECTED,
@@ -311,9 +312,10 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     place; the training config and the summary's numbers. Main process only."""
     config, run = job.config, job.run
     state = trainer.state
-    checkpoints = {checkpoint_step(p): p for p in run.checkpoints()}
-    selected = select_step(state.log_history, config.train.select, state.global_step,
-                           [s for s, p in checkpoints.items() if (p / SAFETENSORS_WEIGHTS_NAME).is_file()])
+    # Closed checkpoints (manifest written) holding a whole adapter file can give the final weights.
+    checkpoints = {checkpoint_step(p): p for p in run.checkpoints()
+                   if (p / MANIFEST).is_file() and (p / SAFETENSORS_WEIGHTS_NAME).is_file()}
+    selected = select_step(state.log_history, config.train.select, state.global_step, checkpoints)
     built.model.save_pretrained(run.staging_dir, state_dict=adapter_state)
     if selected.step != state.global_step:
         # The checkpoint's adapter file holds exactly the weights of that step.
