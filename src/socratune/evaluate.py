@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import jsonl_lines
 from .errors import ConfigError, DataError, RunDirError
@@ -63,6 +63,10 @@ from .rundir import (
     write_text_atomic,
 )
 from .style import StyleProfile, StyleScorer, load_profile
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger("socratune")
 
@@ -236,8 +240,8 @@ def select_subjects(run: RunDir, checkpoints: str = "all") -> tuple[list[Subject
 # --- generation -------------------------------------------------------------------------------
 
 
-def converse(model: Any, tokenizer: Any, prompts: list[EvalPrompt], turns: int, script: list[str],
-             params: GenParams, batch_size: int) -> list[list[dict[str, str]]]:
+def converse(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, prompts: list[EvalPrompt],
+             turns: int, script: list[str], params: GenParams, batch_size: int) -> list[list[dict[str, str]]]:
     """Each prompt's dialogue: the model's reply, then ``turns`` more scripted exchanges."""
     from .data import BOT
     from .generate import generate_replies

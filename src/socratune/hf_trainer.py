@@ -29,7 +29,7 @@ from .template import IGNORE_INDEX, Example
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
     from .modeling import Hardware
 
@@ -146,13 +146,13 @@ class SocratuneTrainer(Trainer):
             release_memory()
 
 
-def argmax_on_device(logits: Any, labels: Any) -> Any:
+def argmax_on_device(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Reduce ``(batch, seq, vocab)`` logits to predicted ids before the Trainer gathers them, so
     evaluation never holds full-vocabulary logits for the whole eval set in memory."""
     return logits.argmax(dim=-1)
 
 
-def bot_token_accuracy(prediction: Any) -> dict[str, float]:
+def bot_token_accuracy(prediction: EvalPrediction) -> dict[str, float]:
     """Share of trained (bot) tokens predicted exactly under teacher forcing; a sanity metric,
     not a style metric."""
     predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
@@ -224,7 +224,7 @@ def build_trainer(config: Config, hardware: Hardware, model: PreTrainedModel | P
     return trainer
 
 
-def adapter_state_for_saving(trainer: Trainer) -> dict[str, Any] | None:
+def adapter_state_for_saving(trainer: Trainer) -> dict[str, torch.Tensor] | None:
     """The adapter's weights for the final save when the launch shards them, else None (then
     the model's own state dict is whole). Every process must call this; the main one saves.
 

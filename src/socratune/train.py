@@ -73,6 +73,7 @@ from .style import StyleScorer, load_profile
 from .template import Example, show_example
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
@@ -307,7 +308,7 @@ def fit(job: FitJob, trainer: Trainer, stop: StopOnSignal) -> None:
 
 
 def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
-                adapter_state: dict[str, Any] | None) -> tuple[dict[str, Any], Selected]:
+                adapter_state: dict[str, torch.Tensor] | None) -> tuple[dict[str, Any], Selected]:
     """7. The final adapter (the selected step's weights) and tokenizer, staged then renamed into
     place; the training config and the summary's numbers. Main process only."""
     config, run = job.config, job.run
@@ -330,8 +331,8 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     return summary, selected
 
 
-def check_bundle(job: FitJob, built: BuiltModel, adapter_state: dict[str, Any] | None, summary: dict[str, Any],
-                 selected: Selected) -> TrainResult:
+def check_bundle(job: FitJob, built: BuiltModel, adapter_state: dict[str, torch.Tensor] | None,
+                 summary: dict[str, Any], selected: Selected) -> TrainResult:
     """8. Reload the saved adapter from disk and answer one held-out prompt: a broken bundle fails
     here. A sharded run's base may not fit one GPU (the reason to shard), and this process still
     holds its share of training: there the saved files are compared with the trained weights."""
