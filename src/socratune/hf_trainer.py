@@ -23,7 +23,7 @@ from .config import Config
 from .memory import release_memory
 from .packing import make_collator
 from .plots import read_metrics
-from .scores import SCORE_KEYS, style_metric
+from .scores import OVERALL, SCORE_KEYS, style_metric
 from .template import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
@@ -259,7 +259,7 @@ def summarize_run(state: TrainerState, metrics_path: Path, hardware: Hardware, d
     gpu = [float(r["gpu_reserved_mb"]) for r in rows if r.get("gpu_reserved_mb")]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     loss_best, loss_best_step = _best(evals, "eval_loss", lower_is_better=True)
-    style_best, style_best_step = _best(evals, style_metric("overall"), lower_is_better=False)
+    style_best, style_best_step = _best(evals, style_metric(OVERALL), lower_is_better=False)
     return {
         "finished": state.global_step >= state.max_steps,
         "global_step": state.global_step,
@@ -269,8 +269,8 @@ def summarize_run(state: TrainerState, metrics_path: Path, hardware: Hardware, d
         "eval_loss_final": last.get("eval_loss"),
         "eval_loss_best": loss_best,
         "eval_loss_best_step": loss_best_step,
-        "style_score_initial": first.get(style_metric("overall")) if first.get("step") == 0 else None,
-        "style_score_final": last.get(style_metric("overall")),
+        "style_score_initial": first.get(style_metric(OVERALL)) if first.get("step") == 0 else None,
+        "style_score_final": last.get(style_metric(OVERALL)),
         "style_score_best": style_best,
         "style_score_best_step": style_best_step,
         "style_initial": {k: first[style_metric(k)] for k in SCORE_KEYS if style_metric(k) in first},
