@@ -40,16 +40,20 @@ def test_selected_step_needs_its_weights_else_falls_back_to_the_last_step():
     assert (fallback.step, fallback.by) == (80, "last")  # no style numbers: nothing to choose by
 
 
-def test_closing_lines_name_the_step_and_warn_when_the_last_step_is_clearly_worse():
+def test_closing_lines_name_the_step_and_warn_when_it_is_clearly_worse_than_the_best():
     summary = {"global_step": 80, "eval_loss_best": 4.5, "eval_loss_best_step": 40, "eval_loss_final": 5.2,
                "selected": select_step(HISTORY, "last", 80, [80]).as_dict()}
     assert last_is_clearly_worse(summary)
     lines = describe_selection(summary)
     assert "step 80 of 80" in lines[0] and lines[1].startswith("warning:") and "16% above" in lines[1]
+    assert "best_eval_loss keeps the best step" in lines[1]
     summary["selected"] = select_step(HISTORY, "best_eval_loss", 80, [40, 80]).as_dict()
     lines = describe_selection(summary)
-    assert "step 40 of 80" in lines[0] and lines[1].startswith("note:")
-    summary["eval_loss_final"] = 4.6  # within 5% of the best: no warning
+    assert "step 40 of 80" in lines[0] and lines[1].startswith("note:") and "step 40's" in lines[1]
+    summary["selected"] = {"step": 80, "by": "best_style", "eval_loss": 5.2, "style_overall": 2.0}
+    assert "chosen for its style score" in describe_selection(summary)[1]
+    summary["eval_loss_final"] = 4.6  # within 5% of the best: nothing to warn about
+    summary["selected"] = select_step(HISTORY, "best_eval_loss", 80, [40, 80]).as_dict()
     assert len(describe_selection(summary)) == 1 and not last_is_clearly_worse(summary)
 
 

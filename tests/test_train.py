@@ -73,17 +73,19 @@ def test_checkpoints_are_intermediate_and_validated(default_run):
 
 
 def test_final_adapter_is_the_selected_checkpoint(default_run):
-    """train.select (default best_eval_loss): the trained step with the lowest eval loss is chosen,
-    its checkpoint is kept, and the final adapter holds exactly that checkpoint's tensors."""
+    """train.select (the tiny preset: best_style): the trained step with the highest style score
+    is chosen, its checkpoint is kept, and the final adapter holds exactly that checkpoint's
+    tensors."""
     from safetensors.torch import load_file
 
     summary = json.loads((default_run / "training_summary.json").read_text())
     with (default_run / "metrics.csv").open(encoding="utf-8") as handle:
         evals = [r for r in csv.DictReader(handle) if r["eval_loss"] and r["step"] != "0"]
-    best = min(evals, key=lambda r: (float(r["eval_loss"]), int(r["step"])))
+    best = max(evals, key=lambda r: (float(r["eval_style_overall"]), -int(r["step"])))
     selected = summary["selected"]
     assert set(selected) == {"step", "by", "eval_loss", "style_overall"}
-    assert selected["by"] == "best_eval_loss" and selected["step"] == int(best["step"])
+    assert selected["by"] == "best_style" and selected["step"] == int(best["step"])
+    assert math.isclose(selected["style_overall"], float(best["eval_style_overall"]), rel_tol=1e-6)
     assert math.isclose(selected["eval_loss"], float(best["eval_loss"]), rel_tol=1e-6)
     assert evals[-1]["step"] == str(summary["global_step"])  # the last step is evaluated too
     final = load_file(default_run / "adapter" / "adapter_model.safetensors")

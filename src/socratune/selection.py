@@ -89,8 +89,9 @@ def last_is_clearly_worse(summary: dict[str, Any]) -> bool:
 
 
 def describe_selection(summary: dict[str, Any]) -> list[str]:
-    """The closing lines about the final adapter: the step chosen and, when the last evaluation's
-    loss is clearly above the best, a warning saying so (and what was done about it)."""
+    """The closing lines about the final adapter: the step chosen, and a warning when its eval
+    loss is clearly above the run's best (or a note when the best step was kept because the
+    last one is clearly worse)."""
     selected = summary.get("selected")
     if not selected:
         return []
@@ -98,14 +99,15 @@ def describe_selection(summary: dict[str, Any]) -> list[str]:
                         ("style", selected["style_overall"])) if value is not None)
     lines = [f"final adapter: the weights of step {selected['step']} of {summary.get('global_step')} "
              f"(train.select: {selected['by']}{'; ' + numbers if numbers else ''})"]
-    if last_is_clearly_worse(summary):
-        best, final = summary["eval_loss_best"], summary["eval_loss_final"]
-        excess = f"{100 * (final / best - 1):.0f}%"
-        if selected["step"] == summary.get("global_step"):
-            lines.append(f"warning: the last eval loss {final:.4g} is {excess} above the best {best:.4g} "
-                         f"(step {summary.get('eval_loss_best_step')}): the model overfits; "
-                         "train.select: best_eval_loss keeps the best step")
-        else:
-            lines.append(f"note: the last eval loss {final:.4g} is {excess} above the best {best:.4g}: "
-                         "later steps overfit, so the final adapter is the earlier step's")
+    best, best_step, chosen = summary.get("eval_loss_best"), summary.get("eval_loss_best_step"), selected["eval_loss"]
+    if best is not None and chosen is not None and chosen > best * LAST_WORSE_RATIO:
+        advice = ("chosen for its style score" if selected["by"] == "best_style"
+                  else "train.select: best_eval_loss keeps the best step")
+        lines.append(f"warning: the eval loss at step {selected['step']}, {chosen:.4g}, is "
+                     f"{100 * (chosen / best - 1):.0f}% above the best, {best:.4g} at step {best_step}: "
+                     f"the model overfits; {advice}")
+    elif last_is_clearly_worse(summary):
+        final = summary["eval_loss_final"]
+        lines.append(f"note: the last eval loss {final:.4g} is {100 * (final / best - 1):.0f}% above the best "
+                     f"{best:.4g}: later steps overfit, so the final adapter is step {selected['step']}'s")
     return lines
