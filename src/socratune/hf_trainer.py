@@ -1,6 +1,6 @@
 """The Hugging Face (transformers) ``Trainer`` as socratune uses it: arguments from the config,
 one thin subclass (trained-positions-only output head, resumable length-grouped order, memory
-released after evaluation), an on-device metric, and the end-of-run summary.
+released after evaluation), an on-device metric, and the end-of-run summary and record.
 
 Named for what it holds: ``train.py`` is the recipe that calls it.
 
@@ -20,10 +20,12 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .callbacks import STYLE_RUNTIME
 from .config import Config
+from .data import ValidationReport, dataset_fingerprint
 from .memory import release_memory
 from .packing import make_collator
 from .plots import read_metrics
 from .scores import OVERALL, SCORE_KEYS, style_metric
+from .split import Split
 from .template import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
@@ -281,4 +283,28 @@ def summarize_run(state: TrainerState, metrics_path: Path, hardware: Hardware, d
         "peak_rss_mb": round(max(rss), 1) if rss else None,
         "peak_gpu_mb": round(max(gpu), 1) if gpu else None,
         "hardware": hardware.as_dict(),
+    }
+
+
+def training_record(config: Config, source: str, trainer: Trainer, report: ValidationReport, split: Split,
+                    hardware: Hardware) -> dict[str, Any]:
+    """``training_config.json``: everything needed to understand or repeat the run (config, base,
+    the Trainer's arguments, data counts and split, hardware, versions); holds no token or secret."""
+    from importlib.metadata import version
+
+    args = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
+    return {
+        "config": config.to_dict(),
+        "base_model": source,
+        "training_arguments": args,
+        "data": {
+            "path": report.source,
+            "fingerprint": dataset_fingerprint(report.source),
+            "counts": report.counts(),
+            "split": {"seed": split.seed, "train": len(split.train), "eval": len(split.eval),
+                      "held_out": len(split.held_out)},
+        },
+        "hardware": hardware.as_dict(),
+        "versions": {p: version(p) for p in ("socratune", "torch", "transformers", "peft", "accelerate",
+                                              "bitsandbytes")},
     }

@@ -39,7 +39,7 @@ from .distributed import Ranks, sharding_engine
 from .errors import TrainingInterrupted
 from .examples import data_path_for, load_tokenizer_for, prepare_examples, reply_prompts
 from .generate import GenParams, generate_replies
-from .hf_trainer import adapter_state_for_saving, build_trainer, summarize_run
+from .hf_trainer import adapter_state_for_saving, build_trainer, summarize_run, training_record
 from .memory import resource_usage
 from .modeling import (
     Hardware,
@@ -327,7 +327,8 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     summary = summarize_run(state, run / METRICS, built.hardware, time.perf_counter() - job.started)
     summary["epochs"] = config.train.epochs
     summary["selected"] = selected.as_dict()
-    write_json_atomic(run / TRAINING_CONFIG, _training_config(config, built, trainer, job.report, job.split))
+    write_json_atomic(run / TRAINING_CONFIG, training_record(config, built.source, trainer, job.report, job.split,
+                                                             built.hardware))
     return summary, selected
 
 
@@ -356,26 +357,3 @@ def check_bundle(job: FitJob, built: BuiltModel, adapter_state: dict[str, torch.
     summary["sample_reply"] = {"prompt": prompt[-1]["content"], "reply": reply}
     write_json_atomic(run / SUMMARY, summary)
     return TrainResult(run.path, False, summary, prompt[-1]["content"], reply)
-
-
-def _training_config(config: Config, built: BuiltModel, trainer: Trainer, report: ValidationReport,
-                     split: Split) -> dict[str, Any]:
-    """Everything needed to understand or repeat the run; holds no token or secret."""
-    from importlib.metadata import version
-
-    args = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
-    return {
-        "config": config.to_dict(),
-        "base_model": built.source,
-        "training_arguments": args,
-        "data": {
-            "path": report.source,
-            "fingerprint": dataset_fingerprint(report.source),
-            "counts": report.counts(),
-            "split": {"seed": split.seed, "train": len(split.train), "eval": len(split.eval),
-                      "held_out": len(split.held_out)},
-        },
-        "hardware": built.hardware.as_dict(),
-        "versions": {p: version(p) for p in ("socratune", "torch", "transformers", "peft", "accelerate",
-                                              "bitsandbytes")},
-    }
