@@ -185,8 +185,8 @@ class StopOnSignal(TrainerCallback):
 
 class TrainingMonitorCallback(TrainerCallback):
     """Append one ``metrics.csv`` row per log and evaluation (the file outlives resumes), refresh
-    the plots after each evaluation (titled ``run_name``, the best step so far by ``select``
-    marked), and track peak memory."""
+    the plots after each evaluation (titled ``run_name``, the best step so far by ``select``, or
+    by eval loss under ``last``, marked), and track peak memory."""
 
     def __init__(self, metrics_path: Path, plots_dir: Path, run_name: str | None = None, select: str = "last"):
         self.metrics_path = metrics_path
@@ -239,7 +239,8 @@ class TrainingMonitorCallback(TrainerCallback):
                     metrics.get("eval_style_overall", "-"))
         from .plots import plot_metrics
 
-        best = best_evaluation(state.log_history, self.select)
+        marked_by = self.select if self.select != "last" else "best_eval_loss"  # "last" has no best to mark
+        best = best_evaluation(state.log_history, marked_by)
         plot_metrics(self.metrics_path, self.plots_dir, self.run_name, best["step"] if best else None,
-                     f"best by {self.select}")
+                     f"best by {marked_by}")
         release_memory()
