@@ -74,6 +74,7 @@ def _context_for_long_question(run: Path) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + MAX_NEW + 2
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_chat_in_a_terminal_streams_keeps_history_in_context_and_saves_training_data(default_run, tmp_path):
     from socratune.data import load_dialogues
 

@@ -379,6 +379,7 @@ def test_official_openai_client_plain_and_streaming(server):
     assert missing.value.code == "model_not_found"
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_serve_command_serves_until_interrupted(default_run):
     process = subprocess.Popen(
         [sys.executable, "-m", "socratune", "serve", str(default_run), "--port", "0", "--max-new-tokens", "5"],
@@ -453,6 +454,7 @@ def _wait_idle(driver) -> None:
         "return document.body.dataset.busy === 'false' && !document.getElementById('send').disabled"))
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_chat_page_failed_send_leaves_one_copy_in_the_box_and_says_why_in_japanese(server, browser):
     from selenium.webdriver.common.keys import Keys
 
@@ -483,6 +485,7 @@ def test_chat_page_failed_send_leaves_one_copy_in_the_box_and_says_why_in_japane
     _wait_idle(browser)
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_chat_page_streams_replies_to_japanese_typed_through_an_ime(server, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -565,7 +568,8 @@ def _raw(server: ChatServer, head: str, body_parts: list[bytes] = (), pause_s: f
     """Sends a hand-written request (head lines, then body parts with a pause between) and reads the
     answer: (status, body). A reset instead of an answer fails the test."""
     with socket.create_connection(server.server_address[:2], timeout=20) as sock:
-        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        if head:
+            sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
         for part in body_parts:
             time.sleep(pause_s)
             try:
@@ -615,6 +619,14 @@ def test_a_body_that_trickles_in_meets_one_deadline_for_the_whole_request(small_
     assert status == 408, body
     assert time.monotonic() - started < 5
     assert json.loads(body)["error"]["message"] == "the request body did not arrive within 1 s"
+
+    # The same for the headers, which uvicorn itself would wait for as long as they take.
+    started = time.monotonic()
+    head = _post_head(str(len(payload))).replace("\n", "\r\n").encode()
+    status, body = _raw(small_server, "", [bytes([b]) for b in head], pause_s=0.25)
+    assert status == 408 and json.loads(body)["error"]["message"] == "the request headers did not arrive within 1 s"
+    assert time.monotonic() - started < 5
+    assert _raw(small_server, "GET /health HTTP/1.1\nHost: localhost\nConnection: close\n")[0] == 200
 
 
 def test_a_burst_of_50_connections_gets_200_or_429_every_one(loaded):

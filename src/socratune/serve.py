@@ -643,6 +643,47 @@ class _OneLine(logging.Filter):
         return True
 
 
+def _header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline on a request's head, which uvicorn has not: a
+    client that starts a request and sends its headers a byte at a time is answered 408 and
+    cut off, instead of holding a connection for as long as it likes. (The body has its own
+    deadline, in ``_read_body``.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    error = ApiError(408, f"the request headers did not arrive within {seconds:g} s").body()
+    answer = json.dumps(error).encode()
+    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                        b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer)
+
+    class HeaderDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self._between_requests():
+                self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
+            super().data_received(data)
+            if self._head_timer is not None and not self._between_requests():  # the head is complete
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self._between_requests() and not self.transport.is_closing():
+                log.info("a client took over %g s to send a request's headers; answered 408", seconds)
+                self.transport.write(timeout_response)
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 class ChatServer:
     """The HTTP server: uvicorn serving ``build_app(engine)`` on a socket bound in the constructor.
 
@@ -684,7 +725,7 @@ class ChatServer:
         app = build_app(engine, self.loopback_only, self.api_key, self.cors_origins)
         # No limit_concurrency: uvicorn would answer a burst with plain-text 503s; the queue's
         # 429 is the limit, and the listen backlog holds a burst until it is accepted.
-        config = uvicorn.Config(app, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
+        config = uvicorn.Config(app, http=_header_deadline_protocol(engine.limits.request_deadline_s), ws="none", lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=math.ceil(engine.limits.socket_timeout_s),
                                 timeout_graceful_shutdown=5, backlog=1024, server_header=False)
         self._uvicorn = uvicorn.Server(config)
