@@ -721,7 +721,9 @@ class ChatServer:
 
         self.engine = engine
         for name in ("uvicorn", "uvicorn.error"):
-            logging.getLogger(name).addFilter(_OneLine())
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _OneLine) for f in logger.filters):
+                logger.addFilter(_OneLine())
         app = build_app(engine, self.loopback_only, self.api_key, self.cors_origins)
         # No limit_concurrency: uvicorn would answer a burst with plain-text 503s; the queue's
         # 429 is the limit, and the listen backlog holds a burst until it is accepted.
