@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from socratune.cli import main
+from socratune.errors import ConfigError
 from socratune.generate import GenParams, generate_replies
 from socratune.serve import ChatServer, Engine, ServeLimits, model_id_for
 
@@ -627,6 +628,10 @@ def test_a_body_that_trickles_in_meets_one_deadline_for_the_whole_request(small_
     assert status == 408 and json.loads(body)["error"]["message"] == "the request headers did not arrive within 1 s"
     assert time.monotonic() - started < 5
     assert _raw(small_server, "GET /health HTTP/1.1\nHost: localhost\nConnection: close\n")[0] == 200
+    # A connection that sends nothing at all is closed (without an answer nobody asked for).
+    with socket.create_connection(small_server.server_address[:2], timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(100) == b"" and time.monotonic() - started < 5
 
 
 def test_a_burst_of_50_connections_gets_200_or_429_every_one(loaded):
@@ -749,6 +754,9 @@ def test_cors_origins_are_allowed_only_when_named(loaded, server):
     assert request(server, "GET", "/v1/models", headers={"Origin": "https://app.example"})[1].getheader(
         "Access-Control-Allow-Origin") is None
 
+    for bad in ("https://app.example/", "app.example", "https://app.example/path", "ftp://app.example"):
+        with pytest.raises(ConfigError, match="is not an origin"):
+            ChatServer("127.0.0.1", 0, cors_origins=(bad,))
     cors = _start(Engine(model, tokenizer, "cors", GenParams(max_new_tokens=4)), cors_origins=("https://app.example",))
     try:
         status, response, _ = request(cors, "OPTIONS", "/v1/chat/completions", headers=preflight)

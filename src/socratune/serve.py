@@ -436,7 +436,9 @@ class _Guard:
             return ApiError(403, f"Host {host[:100]!r} is not served: this server answers to localhost only")
         if self.api_key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            # Both sides as bytes: the header arrived as Latin-1, the key may be any UTF-8.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"),
+                                                                     self.api_key.encode()):
                 return ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY'", None,
                                 "invalid_api_key")
         return None
@@ -646,8 +648,8 @@ class _OneLine(logging.Filter):
 def _header_deadline_protocol(seconds: float) -> type:
     """uvicorn's h11 protocol with a deadline on a request's head, which uvicorn has not: a
     client that starts a request and sends its headers a byte at a time is answered 408 and
-    cut off, instead of holding a connection for as long as it likes. (The body has its own
-    deadline, in ``_read_body``.)"""
+    cut off, instead of holding a connection for as long as it likes; one that connects and
+    sends nothing is closed. (The body has its own deadline, in ``_read_body``.)"""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     error = ApiError(408, f"the request headers did not arrive within {seconds:g} s").body()
@@ -657,11 +659,17 @@ def _header_deadline_protocol(seconds: float) -> type:
 
     class HeaderDeadline(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _received = False  # any byte yet on this connection
 
         def _between_requests(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
+
         def data_received(self, data: bytes) -> None:
+            self._received = True
             if self._head_timer is None and self._between_requests():
                 self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
             super().data_received(data)
@@ -672,8 +680,9 @@ def _header_deadline_protocol(seconds: float) -> type:
         def _head_too_slow(self) -> None:
             self._head_timer = None
             if self._between_requests() and not self.transport.is_closing():
-                log.info("a client took over %g s to send a request's headers; answered 408", seconds)
-                self.transport.write(timeout_response)
+                if self._received:
+                    log.info("a client took over %g s to send a request's headers; answered 408", seconds)
+                    self.transport.write(timeout_response)
                 self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -693,6 +702,13 @@ class ChatServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  cors_origins: tuple[str, ...] = ()):
         self.loopback_only = is_loopback(host)
+        for origin in cors_origins:
+            parts = urlsplit(origin)
+            # A browser's Origin is exactly scheme://host[:port]; anything more would never match.
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                                  or origin != f"{parts.scheme}://{parts.netloc}"):
+                raise ConfigError(f"--cors-origin {origin[:100]!r} is not an origin: give scheme://host[:port] "
+                                  "with no path or trailing slash, e.g. https://app.example.com", "--cors-origin")
         self.api_key, self.cors_origins = api_key, tuple(cors_origins)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
