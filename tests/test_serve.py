@@ -487,6 +487,30 @@ def test_chat_page_failed_send_leaves_one_copy_in_the_box_and_says_why_in_japane
 
 
 @pytest.mark.slow  # starts a subprocess
+def test_chat_page_asks_once_for_the_key_of_a_server_that_wants_one(loaded, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    model, tokenizer = loaded
+    keyed = _start(Engine(model, tokenizer, "keyed", GenParams(max_new_tokens=8)), api_key="page-key")
+    answer = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        window.prompt = (question) => { window.asked = [...(window.asked || []), question]; return 'page-key'; };
+    """})  # the user types the key into the page's question
+    try:
+        browser.get(keyed.url + "/")
+        _wait_idle(browser)
+        browser.find_element("id", "input").send_keys(QUESTION + Keys.ENTER)
+        _wait_idle(browser)
+        assert [kind for kind, _ in _messages(browser)] == ["msg user", "msg assistant"]
+        assert browser.execute_script("return window.asked") == ["このサーバーには APIキーが必要です。キーを入力してください。"]
+        browser.refresh()  # the key is kept for the tab: not asked again
+        _wait_idle(browser)
+        assert browser.execute_script("return window.asked") is None
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", answer)
+        _stop(keyed)
+
+
+@pytest.mark.slow  # starts a subprocess
 def test_chat_page_streams_replies_to_japanese_typed_through_an_ime(server, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
