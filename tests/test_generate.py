@@ -110,3 +110,11 @@ def test_stop_strings_cut_the_stream_before_them_and_nothing_past_one_is_emitted
     pieces, streamer = _stream(tiny_tokenizer, REPLY, stop=("君はX",))
     assert "".join(pieces) == REPLY and not streamer.stopped
     assert not any(piece.endswith("君") for piece in pieces)
+
+
+def test_sampling_flags_that_would_divide_logits_into_inf_are_refused(capsys):
+    for flag, value in (("--temperature", "1e-320"), ("--temperature", "nan"), ("--temperature", "-1"),
+                        ("--repetition-penalty", "1e-300"), ("--repetition-penalty", "inf"), ("--top-p", "0")):
+        # refused before the (missing) run is even looked at
+        assert main(["generate", "no-such-run", "問い", flag, value]) == 2, (flag, value)
+        assert f"{flag} must be" in capsys.readouterr().err

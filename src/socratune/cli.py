@@ -110,10 +110,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _gen_params(args: argparse.Namespace):
     """Generation settings from the flags; ``--seed`` seeds torch here, once, for sampled replies."""
-    from .generate import GenParams
+    from .generate import MIN_DIVISOR, GenParams
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    # Sampling divides logits by these: a tiny or infinite one turns them into inf/nan.
+    if not (args.temperature == 0 or MIN_DIVISOR <= args.temperature < float("inf")):
+        raise ConfigError(f"--temperature must be 0 (greedy) or a number from {MIN_DIVISOR}, not {args.temperature}")
+    if not MIN_DIVISOR <= args.repetition_penalty < float("inf"):
+        raise ConfigError(f"--repetition-penalty must be a number from {MIN_DIVISOR}, not {args.repetition_penalty}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
     if args.seed is not None:
         import torch
 

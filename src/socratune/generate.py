@@ -30,6 +30,11 @@ from .template import chat_messages, render, supports_system_role
 log = logging.getLogger("socratune.generate")
 
 
+# Below this a temperature or repetition penalty divides logits into inf/nan (1e-320 does), and a
+# temperature so near zero means greedy anyway: 0 is the way to ask for that.
+MIN_DIVISOR = 0.01
+
+
 @dataclass(frozen=True)
 class GenParams:
     max_new_tokens: int = 128

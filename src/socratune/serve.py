@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .generate import GenParams, delta_streamer, prompt_texts
+from .generate import MIN_DIVISOR, GenParams, delta_streamer, prompt_texts
 
 log = logging.getLogger("socratune.serve")
 
@@ -79,11 +79,6 @@ class ApiError(Exception):
 
 
 # --- request schema -------------------------------------------------------------------------
-
-# Below this a temperature or repetition penalty divides logits into inf/nan (1e-320 does), and a
-# value so near zero means greedy anyway: 0 is the way to ask for that.
-MIN_DIVISOR = 0.01
-
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt or unsupported parameter (logprobs...) is an error, as with
