@@ -791,5 +791,9 @@ def test_cors_origins_are_allowed_only_when_named(loaded, server):
         assert status == 400 and response.getheader("Access-Control-Allow-Origin") is None
         status, response, _ = request(cors, "GET", "/v1/models", headers={"Origin": "https://app.example"})
         assert status == 200 and response.getheader("Access-Control-Allow-Origin") == "https://app.example"
+        # A refusal reaches the allowed page readable too (with its CORS headers), not as a network error.
+        status, response, _ = request(cors, "POST", "/v1/chat/completions", b"{}",
+                                      {"Origin": "https://app.example", "Content-Type": "text/plain"})
+        assert status == 415 and response.getheader("Access-Control-Allow-Origin") == "https://app.example"
     finally:
         _stop(cors)

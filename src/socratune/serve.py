@@ -491,7 +491,6 @@ def build_app(engine: Engine, loopback_only: bool = True, api_key: str | None = 
     """The ASGI application serving ``engine``."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -565,15 +564,15 @@ def build_app(engine: Engine, loopback_only: bool = True, api_key: str | None = 
         Route(f"/v1/models/{engine.model_id}", lambda _: JSONResponse(model_card()), methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
     ]
-    middleware = []
+    app: Any = _Guard(Starlette(routes=routes, exception_handlers={ApiError: on_api_error,
+                                                                   HTTPException: on_http_error}),
+                      loopback_only, api_key)
     if cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"], max_age=600))
-    app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
-    # The guard goes outside CORS, so that a refused request carries no CORS headers; preflights
-    # (OPTIONS, which carry no credentials) pass it to the CORS layer.
-    return _Guard(app, loopback_only, api_key)
+        # Outside the guard, so that a refusal (a 401...) reaches an allowed page readable, with
+        # its CORS headers; preflights carry no credentials and are answered here.
+        app = CORSMiddleware(app, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["Authorization", "Content-Type"], max_age=600)
+    return app
 
 
 def _generate_in_thread(engine: Engine, completion: Completion, updates: asyncio.Queue,
