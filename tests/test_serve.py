@@ -1,7 +1,9 @@
 """``socratune serve``, started for real on a loopback port with the default run's tiny model:
 plain and streamed completions, bad requests, concurrent clients, the official ``openai``
-client, and the chat page in headless Chromium (Debian's chromium + chromium-driver, driven by
-Selenium; skipped with the reason when they are not installed).
+client, ``stop``, the API key and CORS; hostile requests over raw sockets (bad lengths, bodies
+over the limit, trickled heads and bodies, a burst of 50 connections); and the chat page in
+headless Chromium (Debian's chromium + chromium-driver, driven by Selenium; skipped with the
+reason when they are not installed, and failed instead where CI=true).
 
     SOCRATUNE_TEST_DEFAULT_RUN=/tmp/socratune_default_run python -m pytest -q tests/test_serve.py
 """
