@@ -75,6 +75,7 @@ def _context_for_long_question(run: Path) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + MAX_NEW + 2
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_chat_in_a_terminal_streams_keeps_history_in_context_and_saves_training_data(default_run, tmp_path):
     from socratune.data import load_dialogues
 
@@ -157,3 +158,32 @@ def test_max_new_tokens_that_leave_no_room_are_refused(default_model):
     model, tokenizer = default_model
     with pytest.raises(DataError, match="leaves no room"):
         ChatSession(model, tokenizer, GenParams(max_new_tokens=64), max_context=64)
+
+
+def test_save_asks_before_writing_a_reply_with_broken_characters(default_model, tmp_path):
+    from socratune.chat import BrokenTextError, ChatSession, run_chat
+    from socratune.generate import GenParams
+
+    session = ChatSession(*default_model, GenParams(max_new_tokens=8))
+    good = [{"role": "user", "content": SHORT}, {"role": "assistant", "content": "君はどう考えるのかね？"}]
+    broken = [*good, {"role": "user", "content": "徳とは？"}, {"role": "assistant", "content": "徳とは\ufffd\ufffdである。"}]
+    saved = tmp_path / "saved.jsonl"
+    session.history = broken
+    with pytest.raises(BrokenTextError, match=r"message\(s\) 4 of this conversation hold U\+FFFD"):
+        session.save(saved)
+    assert not saved.exists()
+
+    out = io.StringIO()
+    run_chat(session, io.StringIO(f"/save {saved}\nn\n/save {saved}\n\n"), out)  # no, then Enter (the default)
+    assert out.getvalue().count("[warning: message(s) 4 of this conversation hold U+FFFD") == 2
+    assert out.getvalue().count("save it anyway? [y/N] [not saved]") == 2 and not saved.exists()
+
+    out = io.StringIO()
+    run_chat(session, io.StringIO(f"/save {saved}\ny\n"), out)  # the user decides to keep it
+    assert f"[conversation saved to {saved}]" in out.getvalue()
+    session.history = good  # a clean conversation is saved without a question
+    out = io.StringIO()
+    run_chat(session, io.StringIO(f"/save {saved}\n"), out)
+    assert "warning" not in out.getvalue() and "[conversation saved to" in out.getvalue()
+    lines = saved.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and "\ufffd" in lines[0] and "\ufffd" not in lines[1]

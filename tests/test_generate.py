@@ -69,3 +69,53 @@ def test_generate_wants_a_prompt_or_an_input_file(default_run, capsys):
     assert "give either a PROMPT or --input" in capsys.readouterr().err
     assert main(["generate", str(default_run), "問い", "--output", "x.jsonl"]) == 2
     assert "--output goes with --input" in capsys.readouterr().err
+
+
+def _stream(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], object]:
+    """Feeds ``text``'s tokens one at a time to the streamer, as generate() does; returns the pieces."""
+    import torch
+
+    from socratune.generate import delta_streamer
+
+    pieces: list[str] = []
+    streamer = delta_streamer(tokenizer, pieces.append, stop=stop)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt comes first and is not part of the reply
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        streamer.put(torch.tensor([token]))
+        if streamer.criteria(torch.zeros(1, 1, dtype=torch.long), None).item():
+            break  # generate() stops at the token where the criteria say so
+    streamer.end()
+    return pieces, streamer
+
+
+REPLY = "憂鬱とは何か、君は😀知っているのかね？"
+
+
+def test_streamed_pieces_never_end_inside_a_character_spelt_over_byte_tokens(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("鬱😀", add_special_tokens=False)
+    # The tiny byte-level BPE spells each of these characters over three or four tokens: a naive
+    # token-by-token decode would show halves of them as U+FFFD.
+    assert len(ids) >= 6 and "\ufffd" in tiny_tokenizer.decode(ids[:1])
+    pieces, streamer = _stream(tiny_tokenizer, REPLY)
+    assert len(pieces) > 5 and "".join(pieces) == REPLY
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert not streamer.stopped
+
+
+def test_stop_strings_cut_the_stream_before_them_and_nothing_past_one_is_emitted(tiny_tokenizer):
+    pieces, streamer = _stream(tiny_tokenizer, REPLY, stop=("😀",))
+    assert "".join(pieces) == "憂鬱とは何か、君は" and streamer.stopped
+    pieces, streamer = _stream(tiny_tokenizer, REPLY, stop=("nowhere", "何か、君"))
+    assert "".join(pieces) == "憂鬱とは" and streamer.stopped
+    # A possible start of a stop string is held back until it is clear, then given out whole.
+    pieces, streamer = _stream(tiny_tokenizer, REPLY, stop=("君はX",))
+    assert "".join(pieces) == REPLY and not streamer.stopped
+    assert not any(piece.endswith("君") for piece in pieces)
+
+
+def test_sampling_flags_that_would_divide_logits_into_inf_are_refused(capsys):
+    for flag, value in (("--temperature", "1e-320"), ("--temperature", "nan"), ("--temperature", "-1"),
+                        ("--repetition-penalty", "1e-300"), ("--repetition-penalty", "inf"), ("--top-p", "0")):
+        # refused before the (missing) run is even looked at
+        assert main(["generate", "no-such-run", "問い", flag, value]) == 2, (flag, value)
+        assert f"{flag} must be" in capsys.readouterr().err

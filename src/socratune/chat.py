@@ -7,7 +7,9 @@
 Commands inside the chat: ``/reset`` (forget the conversation), ``/system TEXT`` (set the system
 prompt; ``/system`` alone clears it), ``/save FILE`` (append the conversation to FILE as one line
 ``{"messages": [...]}`` in the training format, so good conversations become training data) and
-``/quit`` (or end of input, or Ctrl-C at the prompt). Ctrl-C while a reply is streaming stops that
+``/quit`` (or end of input, or Ctrl-C at the prompt). A reply holding U+FFFD (bytes the model
+produced that are not UTF-8; a byte-level model can) is not saved without asking: training on it
+would teach the model to produce more. Ctrl-C while a reply is streaming stops that
 reply and forgets the question.
 
 The reply streams as it is generated and is followed by its token count and tokens per second.
@@ -59,6 +61,13 @@ class Reply:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class BrokenTextError(DataError):
+    """The conversation holds U+FFFD, so saving it as training data needs the user's say-so."""
+
+
+REPLACEMENT = "\ufffd"
 
 
 class ChatSession:
@@ -141,14 +150,22 @@ class ChatSession:
                         {"role": BOT, "content": text}]
         return Reply(text, len(new_tokens), seconds, reused)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, keep_broken: bool = False) -> Path:
         """Append the conversation to ``path`` as one JSONL line in the training format (what
-        ``load_dialogues`` reads), so a file of saved conversations is training data."""
+        ``load_dialogues`` reads), so a file of saved conversations is training data.
+
+        Raises ``BrokenTextError``, writing nothing, when a message holds U+FFFD, unless
+        ``keep_broken``."""
         path = Path(path)
         if not self.history:
             raise DataError("nothing to save yet: the conversation is empty")
         if any(not m["content"].strip() for m in self.history):
             raise DataError("a reply in this conversation is empty, which training data may not hold: /reset")
+        broken = [number for number, m in enumerate(self.messages(), 1) if REPLACEMENT in m["content"]]
+        if broken and not keep_broken:
+            raise BrokenTextError(f"message(s) {', '.join(map(str, broken))} of this conversation hold U+FFFD "
+                                  "(\ufffd: bytes the model produced that are not valid UTF-8); as training data "
+                                  "they would teach the model to produce more")
         existing = path.read_text(encoding="utf-8") if path.exists() else ""
         if existing.lstrip().startswith("["):
             raise DataError(f"{path} is a JSON list; /save appends JSON Lines: name a .jsonl file")
@@ -219,7 +236,16 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
                 if not argument:
                     say("[usage: /save FILE]")
                     continue
-                say(f"[conversation saved to {session.save(argument)}]")
+                try:
+                    saved = session.save(argument)
+                except BrokenTextError as exc:
+                    say(f"[warning: {exc}]")
+                    answer = read("save it anyway? [y/N] ")
+                    if (answer or "").strip().lower() not in ("y", "yes"):
+                        say("[not saved]")
+                        continue
+                    saved = session.save(argument, keep_broken=True)
+                say(f"[conversation saved to {saved}]")
             elif command.startswith("/"):
                 say(f"[unknown command {command}; {HELP}]")
             else:

@@ -113,10 +113,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _gen_params(args: argparse.Namespace):
     """Generation settings from the flags; ``--seed`` seeds torch here, once, for sampled replies."""
-    from .generate import GenParams
+    from .generate import MIN_DIVISOR, GenParams
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    # Sampling divides logits by these: a tiny or infinite one turns them into inf/nan.
+    if not (args.temperature == 0 or MIN_DIVISOR <= args.temperature < float("inf")):
+        raise ConfigError(f"--temperature must be 0 (greedy) or a number from {MIN_DIVISOR}, not {args.temperature}")
+    if not MIN_DIVISOR <= args.repetition_penalty < float("inf"):
+        raise ConfigError(f"--repetition-penalty must be a number from {MIN_DIVISOR}, not {args.repetition_penalty}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
     if args.seed is not None:
         import torch
 
@@ -170,13 +177,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .modeling import load_for_inference
-    from .serve import ChatServer, Engine, is_loopback, model_id_for
+    from .serve import API_KEY_ENV, ChatServer, Engine, is_loopback, model_id_for
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host):
-        print(f"warning: serving on {args.host}: anyone who can reach this machine on port {args.port} can use "
-              "the model; there is no authentication", file=sys.stderr)
+        if not api_key and not args.insecure_no_auth:
+            raise ConfigError(f"serving on {args.host} would let anyone who can reach port {args.port} use the model: "
+                              f"set an API key ({API_KEY_ENV}=... or --api-key), or pass --insecure-no-auth")
+        if not api_key:
+            print(f"warning: serving on {args.host} with --insecure-no-auth: anyone who can reach this machine on "
+                  f"port {args.port} can use the model; there is no authentication", file=sys.stderr)
     params = _gen_params(args)  # the defaults for requests that name no temperature, max_tokens...
-    server = ChatServer(args.host, args.port)  # binds now: a busy port fails before the model loads
+    # binds now: a busy port fails before the model loads
+    server = ChatServer(args.host, args.port, api_key=api_key, cors_origins=tuple(args.cors_origin or ()))
     try:
         model, tokenizer = load_for_inference(args.run_dir, args.checkpoint, base_only=args.base)
         engine = Engine(model, tokenizer, model_id_for(args.run_dir, args.checkpoint, args.base), params)
@@ -337,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (default: the "
+                   "SOCRATUNE_API_KEY environment variable, which keeps the key out of the process list)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow --host beyond loopback without an API key (anyone who can reach it can use it)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let pages from ORIGIN (e.g. https://example.com) call the API; repeatable; none by default")
     _add_generation_flags(p)  # the defaults for requests that do not name their own
     p.set_defaults(handler=cmd_serve)
 

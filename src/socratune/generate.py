@@ -30,6 +30,11 @@ from .template import chat_messages, render, supports_system_role
 log = logging.getLogger("socratune.generate")
 
 
+# Below this a temperature or repetition penalty divides logits into inf/nan (1e-320 does), and a
+# temperature so near zero means greedy anyway: 0 is the way to ask for that.
+MIN_DIVISOR = 0.01
+
+
 @dataclass(frozen=True)
 class GenParams:
     max_new_tokens: int = 128
@@ -96,16 +101,27 @@ def generate_replies(
     return replies
 
 
-def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None):
+def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None, stop: tuple[str, ...] = (),
+                   cancel: Any = None):
     """A transformers streamer that calls ``emit`` with the reply's new text after every token.
 
     Not ``TextIteratorStreamer``: it holds text back until a space, newline or CJK ideograph, so
     a Japanese reply in kana would arrive in one piece at the end. Here the whole reply is decoded
     each step (cheap at reply lengths) and what is new is emitted, except a trailing half of a
-    multi-byte character (byte-level BPE splits them) and trailing whitespace, so the pieces add
-    up to exactly the stripped reply that ``generate_replies`` returns. ``lock`` guards the
-    tokenizer where other threads use it too (the server).
+    multi-byte character (byte-level BPE spells one character over several tokens; the half
+    decodes to U+FFFD until the rest arrives) and trailing whitespace, so the pieces add up to
+    exactly the stripped reply that ``generate_replies`` returns. ``lock`` guards the tokenizer
+    where other threads use it too (the server).
+
+    ``stop``: strings that end the reply (OpenAI's ``stop``). The reply is cut before the first
+    one, ``stopped`` turns true, and the streamer's ``criteria`` (pass it to ``generate`` as
+    ``stopping_criteria``) ends generation at that token. Text that could be the start of a stop
+    string is held back until it is clear that it is not, so no piece is ever taken back.
+    ``cancel``: a ``threading.Event``; once set (a client hung up), ``criteria`` ends generation
+    at the next token.
     """
+    import torch
+    from transformers import StoppingCriteria
     from transformers.generation.streamers import BaseStreamer
 
     guard = lock if lock is not None else contextlib.nullcontext()
@@ -115,18 +131,35 @@ def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None
             self.ids: list[int] = []
             self.sent = 0
             self.prompt_seen = False
+            self.stopped = False  # a stop string was met
+            self.criteria = _FlagCriteria(self)
 
         def put(self, value) -> None:
             if not self.prompt_seen:  # generate() hands the prompt over first
                 self.prompt_seen = True
                 return
+            if self.stopped:
+                return
             self.ids.extend(value.reshape(-1).tolist())
             text = self._text()
+            if self._cut_at_stop(text):
+                return
             if not text.endswith("\ufffd"):
-                self._flush(text.rstrip())
+                self._flush(text[: len(text) - _partial_stop_length(text, stop)].rstrip())
 
         def end(self) -> None:
-            self._flush(self._text().rstrip())
+            if not self.stopped:
+                text = self._text()
+                if not self._cut_at_stop(text):
+                    self._flush(text.rstrip())
+
+        def _cut_at_stop(self, text: str) -> bool:
+            found = [i for i in (text.find(s) for s in stop) if i >= 0]
+            if not found:
+                return False
+            self.stopped = True
+            self._flush(text[: min(found)].rstrip())
+            return True
 
         def _text(self) -> str:
             with guard:
@@ -137,7 +170,21 @@ def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None
                 emit(text[self.sent :])
                 self.sent = len(text)
 
+    class _FlagCriteria(StoppingCriteria):
+        def __init__(self, streamer: DeltaStreamer) -> None:
+            self.streamer = streamer
+
+        def __call__(self, input_ids, scores, **kwargs) -> Any:
+            done = self.streamer.stopped or (cancel is not None and cancel.is_set())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
     return DeltaStreamer()
+
+
+def _partial_stop_length(text: str, stop: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
 
 
 # --- prompt files for `socratune generate --input` ------------------------------------------
