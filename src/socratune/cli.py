@@ -249,7 +249,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .judge import Judge
 
         judge = Judge(args.judge or "", args.judge_model or "", profile, timeout=args.judge_timeout,
-                      retries=args.judge_retries)
+                      retries=args.judge_retries, concurrency=args.judge_workers)
+        judge.check()  # a judge that is down fails now, not after every reply is generated
     result = evaluate(args.run_dir, prompts_path=args.prompts, limit=args.limit, checkpoints=args.checkpoints,
                       turns=args.turns, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       seed=args.seed, profile=profile, judge=judge, judge_workers=args.judge_workers)
