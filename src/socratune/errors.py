@@ -84,3 +84,9 @@ class EndpointLost(EndpointError):
 
 class JudgeFailed(EndpointError):
     """The LLM judge rated none of the replies, so its column would be empty."""
+
+
+class SynthInterrupted(SocratuneError):
+    """Ctrl-C stopped ``synth``: finished dialogues are on disk, those in flight were dropped."""
+
+    exit_code = 130
