@@ -19,7 +19,13 @@ from fake_openai import FakeOpenAI, Fault
 from socratune.cli import main
 from socratune.client import ChatClient, split_url
 from socratune.data import load_dialogues
-from socratune.errors import ConfigError, EndpointFailed, EndpointLost, EndpointUnreachable, SynthInterrupted
+from socratune.errors import (
+    ConfigError,
+    EndpointFailed,
+    EndpointLost,
+    EndpointUnreachable,
+    SynthInterrupted,
+)
 from socratune.synth import (
     NearDuplicates,
     SynthPaths,
