@@ -8,7 +8,12 @@ the tiny default run plays both roles.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from importlib import resources
 from pathlib import Path
 
@@ -287,3 +292,125 @@ def test_cli_synth_summary_status_and_bad_input(fake, tmp_path, capsys):
     assert main(["synth", "--output", str(tmp_path / "x.jsonl"), "--url", "http://127.0.0.1:9/v1",
                  "--model", "m", "--retries", "0"]) == 2
     assert "does not answer" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+# --- end to end: `socratune serve` of the tiny default run plays both roles ------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "SOCRATUNE_SYNTH_API_KEY": SECRET}
+
+
+class Served:
+    """``socratune serve RUN`` in a subprocess on a fixed loopback port (so it can be restarted)."""
+
+    def __init__(self, run: Path, port: int):
+        self.run, self.port, self.url = run, port, f"http://127.0.0.1:{port}/v1"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Served:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "socratune", "serve", str(self.run), "--port", str(self.port),
+             "--max-new-tokens", "24"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return self
+            except OSError:
+                assert self.process.poll() is None, "socratune serve exited"
+                time.sleep(0.5)
+        raise AssertionError("socratune serve did not answer within 180 s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def one_server(default_run):
+    """One server for the tests that do not kill it: each start costs seconds of model loading."""
+    server = Served(default_run, _free_port()).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def served(default_run):
+    servers = []
+
+    def start(port: int | None = None) -> Served:
+        servers.append(Served(default_run, port or _free_port()).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+def _synth_cli(out: Path, url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "socratune", "synth", "--output", str(out), "--url", url,
+            "--model", "run", "--min-score", "0", *extra]
+
+
+@pytest.mark.slow
+def test_synth_over_socratune_serve_validates_trains_and_never_writes_the_key(one_server, tmp_path):
+    server = one_server
+    model = json.loads(urllib.request.urlopen(f"{server.url}/models", timeout=10).read())["data"][0]["id"]
+    out = tmp_path / "dialogues.jsonl"
+    done = subprocess.run([*_synth_cli(out, server.url, "--dialogues", "5", "--turns", "2"), "--model", model],
+                          check=False, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "5 of 5 dialogues done" in done.stdout and SECRET not in done.stdout + done.stderr
+    kept = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(kept) >= 3 and main(["validate", str(out)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(out), "--output", str(run), "--epochs", "1"]) == 0
+    assert (run / "adapter" / "adapter_config.json").exists()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(SECRET.encode() not in p.read_bytes() for p in written)
+
+
+@pytest.mark.slow
+def test_serve_killed_mid_run_then_restarted_resumes_to_the_full_count(served, tmp_path):
+    server = served()
+    model = json.loads(urllib.request.urlopen(f"{server.url}/models", timeout=10).read())["data"][0]["id"]
+    out = tmp_path / "dialogues.jsonl"
+    paths = SynthPaths.for_output(out)
+    command = [*_synth_cli(out, server.url, "--dialogues", "10", "--turns", "2", "--retries", "1"), "--model", model]
+    first = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(indices(out) + indices(paths.rejected)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    server.kill()
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 1 and "run the same command again" in stderr, stderr
+    before = indices(out) + indices(paths.rejected)
+    assert 3 <= len(before) < 10 and len(set(before)) == len(before)
+    server.start()  # the same port again
+    again = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    after = indices(out) + indices(paths.rejected)
+    assert sorted(after) == list(range(10))  # none lost, none twice
+    assert load_dialogues(out).rejections == []
+
+
+@pytest.mark.slow
+def test_429s_from_the_servers_queue_limit_are_retried(one_server, tmp_path):
+    server = one_server
+    model = json.loads(urllib.request.urlopen(f"{server.url}/models", timeout=10).read())["data"][0]["id"]
+    student = ChatClient(server.url, model, key_variables=(), timeout=120, max_retries=10, concurrency=16)
+    out = tmp_path / "burst.jsonl"
+    # 16 dialogues at once against one generating + 8 waiting requests: the rest get 429 and retry.
+    summary = synth(request(out, dialogues=16, turns=1, concurrency=16), student, student)
+    assert summary["done"] == 16 and summary["usage"]["requests"] == 16
+    assert summary["usage"]["attempts"] > 16  # some were answered 429 first

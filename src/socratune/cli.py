@@ -270,7 +270,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"  style scores, {name} (mean [p10-p90]): {cells or 'none'}")
     usage = summary["usage"]
     print(f"  tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion in "
-          f"{usage['requests']} requests" + ("" if summary["cost"] is None else f"; cost {summary['cost']:.4f}"))
+          f"{usage['requests']} requests ({usage['attempts'] - usage['requests']} retried)" + ("" if summary["cost"] is None else f"; cost {summary['cost']:.4f}"))
     run = summary["this_run"]
     print(f"  this run: {run['requests_per_s']:.2f} requests/s, {run['tokens_per_s']:.1f} tokens/s")
     return 0

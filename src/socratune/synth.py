@@ -498,7 +498,7 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
                 "finish_reasons": [r.finish_reason for r in talk.replies],
                 "usage": {"prompt_tokens": sum(r.prompt_tokens for r in talk.replies),
                           "completion_tokens": sum(r.completion_tokens for r in talk.replies),
-                          "requests": len(talk.replies)},
+                          "requests": len(talk.replies), "attempts": sum(r.attempts for r in talk.replies)},
             }}
             if talk.failure:
                 return line, talk.failure
@@ -587,6 +587,10 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
     if interrupted:
         raise SynthInterrupted(f"synth interrupted: {summary['done']} of {request.dialogues} dialogues are in "
                                f"{paths.output} and {paths.rejected.name}; run the same command to continue")
+    if lost is not None and lost.status in (401, 403, 404):
+        raise EndpointLost(f"the endpoint refused the request ({lost}): check --model, the URL and the key "
+                           f"variables ({', '.join(KEY_VARIABLES['socrates'])}); {summary['done']} of "
+                           f"{request.dialogues} dialogues are on disk; the same command continues once fixed")
     if lost is not None:
         raise EndpointLost(f"the endpoint failed mid-run ({lost}); {summary['done']} of {request.dialogues} "
                            f"dialogues are on disk in {paths.output} and {paths.rejected.name}; run the same "
@@ -611,8 +615,8 @@ def summarize(paths: SynthPaths, planned: int | None = None, profile: SynthProfi
     kept, rejected = read_lines(paths.output), read_lines(paths.rejected)
     reasons = Counter(line.get("reason", "?").split(":", 1)[0] for line in rejected)
     scored = [line for line in kept + rejected if line["meta"]["scores"]["style"]["overall"] is not None]
-    usage = {key: sum(line["meta"]["usage"][key] for line in kept + rejected)
-             for key in ("prompt_tokens", "completion_tokens", "requests")}
+    usage = {key: sum(line["meta"]["usage"].get(key, 0) for line in kept + rejected)
+             for key in ("prompt_tokens", "completion_tokens", "requests", "attempts")}
     summary: dict[str, Any] = {
         "output": str(paths.output), "rejected_file": str(paths.rejected), "planned": planned,
         "done": len(kept) + len(rejected), "kept": len(kept), "rejected": len(rejected),
