@@ -62,3 +62,26 @@ def test_a_judge_that_is_down_or_refuses_the_key_fails_the_start_check(fake):
     server.close()
     with pytest.raises(EndpointUnreachable, match=rf"judge endpoint http://127.0.0.1:{port}/v1 does not answer"):
         Judge(f"http://127.0.0.1:{port}", "m", load_profile()).check()
+
+
+def test_evaluate_with_a_judge_that_is_down_stops_before_generating(fake, tmp_path, capsys):
+    from socratune.cli import main
+
+    server = fake(lambda n, body, headers: GOOD)
+    port = server.port
+    server.close()
+    code = main(["evaluate", str(tmp_path / "no-run-needed"), "--judge", f"http://127.0.0.1:{port}/v1",
+                 "--judge-model", "m"])
+    assert code == 2 and "does not answer" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_evaluate_exits_non_zero_when_the_judge_scores_no_reply(fake, default_run_copy, capsys):
+    from socratune.cli import main
+
+    junk = fake(lambda n, body, headers: "I would rather not say.")
+    code = main(["evaluate", str(default_run_copy), "--checkpoints", "none", "--limit", "2",
+                 "--max-new-tokens", "8", "--judge", junk.url, "--judge-model", "m", "--judge-retries", "0"])
+    assert code == 1 and "scored none of the 4 replies" in capsys.readouterr().err
+    assert not (default_run_copy / "evaluation").exists()  # no report with an empty judge column
