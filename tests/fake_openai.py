@@ -19,6 +19,7 @@ from typing import Any
 class Fault:
     status: int | None = None  # None: close the connection without an answer
     headers: dict[str, str] = field(default_factory=dict)
+    message: str = "fault"
 
 
 Answer = Callable[[int, dict[str, Any], dict[str, str]], "str | Fault"]
@@ -47,7 +48,7 @@ class FakeOpenAI:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
-                    self._send(result.status, {"error": {"message": f"fault {result.status}"}}, result.headers)
+                    self._send(result.status, {"error": {"message": f"{result.message} {result.status}"}}, result.headers)
                     return
                 words = len(result.split())
                 self._send(200, {

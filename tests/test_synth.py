@@ -29,14 +29,17 @@ from socratune.errors import (
     EndpointFailed,
     EndpointLost,
     EndpointUnreachable,
+    RunDirError,
     SynthInterrupted,
 )
+from socratune.rundir import RunDir
 from socratune.synth import (
     NearDuplicates,
     SynthPaths,
     SynthRequest,
     load_synth_profile,
     plan_dialogue,
+    strip_speaker,
     synth,
     synth_status,
 )
@@ -166,6 +169,15 @@ def test_key_is_sent_as_bearer_and_url_credentials_as_basic_auth(fake, monkeypat
     assert "alice" not in json.dumps(student.describe()) and student.describe()["auth"] == "basic"
 
 
+def test_a_server_echoing_the_key_gets_it_redacted_from_the_error(fake, monkeypatch):
+    monkeypatch.setenv("SOCRATUNE_SYNTH_API_KEY", SECRET)
+    server = fake(lambda n, body, headers: Fault(400, message=f"bad key {headers['authorization']}"))
+    student, _ = clients(server.url)
+    with pytest.raises(EndpointFailed) as failed:
+        student.chat([{"role": "user", "content": "問い"}], temperature=0, max_tokens=8)
+    assert "HTTP 400: bad key Bearer ***" in str(failed.value) and SECRET not in str(failed.value)
+
+
 # --- synth against the fake server -----------------------------------------------------------------
 
 
@@ -221,6 +233,24 @@ def test_rejects_go_beside_the_output_with_reasons(fake, tmp_path):
     reasons = [json.loads(x)["reason"] for x in (tmp_path / "low.rejected.jsonl").read_text("utf-8").splitlines()]
     assert len(reasons) == 2 and all(r.startswith("low_score: overall") and "< 3.5" in r for r in reasons)
     assert low.read_text(encoding="utf-8") == ""
+
+
+def test_a_second_writer_is_kept_out_and_an_unwritable_output_is_a_clear_error(fake, tmp_path, capsys):
+    server = fake()
+    out = tmp_path / "data.jsonl"
+    with RunDir(SynthPaths.for_output(out).state).lock(), pytest.raises(RunDirError, match="in use by process"):
+        synth(request(out), *clients(server.url))
+    assert not out.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder", encoding="utf-8")
+    assert main(["synth", "--output", str(a_file / "d.jsonl"), "--url", server.url, "--model", "m"]) == 2
+    assert f"cannot write {a_file}" in capsys.readouterr().err and a_file.read_text("utf-8") == "not a folder"
+
+
+def test_speaker_labels_are_stripped_from_replies():
+    assert strip_speaker(" ソクラテス： 君はどう思うかね？", "ソクラテス") == "君はどう思うかね？"
+    assert strip_speaker("山本紗希: えっと、たぶん違います。", "山本紗希") == "えっと、たぶん違います。"
+    assert strip_speaker("ソクラテスはそう言った。", "ソクラテス") == "ソクラテスはそう言った。"
 
 
 def test_endpoint_down_at_start_writes_nothing(fake, tmp_path):

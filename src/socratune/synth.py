@@ -221,9 +221,14 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _append(handle: Any, line: dict[str, Any]) -> None:
-    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
+    """One line on disk before the next dialogue counts as done; a failed write names the file."""
+    try:
+        handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as exc:
+        raise DataError(f"{exc.strerror or exc} writing {handle.name}; the dialogues before it are on disk and "
+                        "the same command continues once this is fixed") from None
 
 
 # --- plan and conversation ---------------------------------------------------------------------------
@@ -250,6 +255,15 @@ def _student_view(persona: Persona, messages: list[dict[str, str]]) -> str:
     speakers = {"user": f"{persona.name}", "assistant": "ソクラテス"}
     transcript = "\n".join(f"{speakers[m['role']]}: {m['content']}" for m in messages)
     return STUDENT_TURN.format(transcript=transcript, name=persona.name)
+
+
+def strip_speaker(text: str, speaker: str) -> str:
+    """The reply without a leading "name:" label: models continuing a transcript often add one."""
+    text = text.strip()
+    for colon in (":", "："):
+        if text.startswith(speaker + colon):
+            return text[len(speaker) + 1:].strip()
+    return text
 
 
 class _Dropped(Exception):
@@ -293,7 +307,9 @@ def converse(index: int, question: str, persona: Persona, profile: SynthProfile,
                 talk.failure = f"request_failed: {role}: {exc}"
                 return talk
             talk.replies.append(reply)
-            talk.messages.append({"role": "assistant" if role == "socrates" else "user", "content": reply.text.strip()})
+            speaker = "ソクラテス" if role == "socrates" else persona.name
+            talk.messages.append({"role": "assistant" if role == "socrates" else "user",
+                                  "content": strip_speaker(reply.text, speaker)})
     return talk
 
 
@@ -436,8 +452,6 @@ def vars_of(request: SynthRequest) -> dict[str, Any]:
 def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judge: Any = None,
           on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Generate, filter and append dialogues until ``request.dialogues`` are done; the summary."""
-    from .style import AXES, StyleScorer, load_profile
-
     if request.dialogues < 1 or request.turns < 1 or request.concurrency < 1:
         raise ConfigError("--dialogues, --turns and --concurrency must be at least 1", key="--dialogues")
     profile, profile_hash, source = load_synth_profile(request.config)
@@ -456,8 +470,23 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
             duplicates.add(f"{other}#{dialogue.id}", dialogue_text(dialogue.messages()))
     for client in (student, socrates, *([judge] if judge is not None else [])):
         client.check()  # before anything is written
-    scorer = StyleScorer(load_profile())
 
+    try:
+        return _run(request, paths, profile, profile_hash, source, min_overall, duplicates, student, socrates,
+                    judge, on_progress)
+    except OSError as exc:  # the output's folder is read-only, or lies under a file
+        raise DataError(f"cannot write {exc.filename or paths.output}: {exc.strerror or exc}; choose another "
+                        "--output") from None
+
+
+def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profile_hash: str, source: str,
+         min_overall: float, duplicates: NearDuplicates, student: ChatClient, socrates: ChatClient, judge: Any,
+         on_progress: Callable[[Progress], None] | None) -> dict[str, Any]:
+    """The locked part of ``synth``: resume, generate, filter, write, summarize."""
+    from .style import AXES, StyleScorer, load_profile
+
+    thresholds = profile.filter
+    scorer = StyleScorer(load_profile())
     with RunDir(paths.state).lock():
         for path in (paths.output, paths.rejected):
             _repair_torn_tail(path)
@@ -533,6 +562,7 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
 
         stop = threading.Event()
         lost: EndpointFailed | None = None
+        unwritable: DataError | None = None
         interrupted = False
         with open(paths.output, "a", encoding="utf-8") as kept_file, \
                 open(paths.rejected, "a", encoding="utf-8") as rejected_file, \
@@ -560,12 +590,17 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
                             stop.set()
                             continue
                         line, reason = decide(talk)
-                        if reason is None:
-                            _append(kept_file, line)
-                            progress.kept += 1
-                        else:
-                            _append(rejected_file, {**line, "reason": reason})
-                            progress.rejected += 1
+                        try:
+                            if reason is None:
+                                _append(kept_file, line)
+                                progress.kept += 1
+                            else:
+                                _append(rejected_file, {**line, "reason": reason})
+                                progress.rejected += 1
+                        except DataError as exc:  # a full disk: settle what is in flight, then say so
+                            unwritable = unwritable or exc
+                            stop.set()
+                            continue
                         progress.done += 1
                         progress.requests += len(talk.replies)
                         progress.completion_tokens += sum(r.completion_tokens for r in talk.replies)
@@ -584,6 +619,8 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
         record = json.loads(paths.record.read_text(encoding="utf-8"))
         record["summary"] = summary
         write_json_atomic(paths.record, record)
+    if unwritable is not None:
+        raise unwritable
     if interrupted:
         raise SynthInterrupted(f"synth interrupted: {summary['done']} of {request.dialogues} dialogues are in "
                                f"{paths.output} and {paths.rejected.name}; run the same command to continue")
