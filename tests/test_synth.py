@@ -253,6 +253,36 @@ def test_speaker_labels_are_stripped_from_replies():
     assert strip_speaker("ソクラテスはそう言った。", "ソクラテス") == "ソクラテスはそう言った。"
 
 
+def test_judge_scores_filter_dialogues_and_prices_give_the_cost(fake, tmp_path):
+    from socratune.judge import Judge
+    from socratune.style import AXES, load_profile
+
+    def answer(n, body, headers):
+        if body["messages"][0]["content"].startswith("You rate replies"):  # the judge's rubric
+            reply = body["messages"][-1]["content"].split("Reply to rate:")[-1]
+            score = 3 if reply.split("君は")[1].split("が")[0] in TOPICS[:6] else 1  # about half the topics
+            return json.dumps({axis: {"score": score, "reason": "seen"} for axis in AXES})
+        return socratic(n, body, headers)
+
+    server = fake(answer)
+    raw = yaml.safe_load(resources.files("socratune").joinpath("assets/synth_socrates.yaml").read_text("utf-8"))
+    raw["filter"].update(min_overall=0.5, min_axis={}, min_judge=2.0)
+    raw["prices"] = {"prompt_per_million": 1.0, "completion_per_million": 4.0}
+    config = tmp_path / "synth.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    out = tmp_path / "judged.jsonl"
+    judge = Judge(server.url, "judge", load_profile(), retries=0)
+    summary = synth(request(out, dialogues=8, turns=1, config=str(config), min_score=None), *clients(server.url),
+                    judge)
+    lines = [json.loads(x) for x in out.read_text("utf-8").splitlines()]
+    rejected = [json.loads(x) for x in (tmp_path / "judged.rejected.jsonl").read_text("utf-8").splitlines()]
+    assert all(line["meta"]["scores"]["judge"]["mean"] == 3.0 for line in lines)
+    assert all(r["reason"] == "low_judge_score: 1.00 < 2" for r in rejected)
+    assert lines and rejected and len(lines) + len(rejected) == 8
+    usage = summary["usage"]
+    assert summary["cost"] == pytest.approx(usage["prompt_tokens"] / 1e6 + usage["completion_tokens"] * 4 / 1e6)
+
+
 def test_endpoint_down_at_start_writes_nothing(fake, tmp_path):
     server = fake()
     port = server.port
