@@ -1,74 +1,35 @@
-"""``socratune synth``: Socratic training dialogues by self-play between two chat models, filtered.
-
-    socratune synth --output data.jsonl --url http://127.0.0.1:8000/v1 --model my-model --dialogues 500
-
-``synth()`` follows these steps:
-
-1. Profile: the synth profile (``assets/synth_socrates.yaml`` or ``--config FILE``) holds what
-   varies between dialogues as data: opening questions, student personas, the Socrates system
-   prompt, the student prompt template, per-role temperature and max_tokens, filter thresholds
-   and prices.
-2. Plan: dialogue ``i`` gets its question and persona from ``random.Random(f"{seed}:{i}")`` and
-   its request seeds from ``(seed, i, step)``, so a resumed run regenerates the same plan and the
-   same command makes the same choices.
-3. Resume: the kept file (``OUT``) and the rejects (``OUT.rejected.jsonl``, beside it) each carry
-   the dialogue index of every line; the indices found there are done, the rest are generated. A
-   torn last line (a kill mid-write) is cut off first. ``OUT.synth/`` holds the run's lock (the
-   run-directory lock of ``rundir.py``) and ``run.json``: every argument (never a key), the
-   profile's hash, the endpoints, each start; a resume with a different seed, turn count,
-   profile or model is refused.
-4. Converse: ``concurrency`` dialogues at a time in a thread pool. The student opens with the
-   planned question; Socrates (its system prompt + the conversation) answers; the student (its
-   persona prompt + the transcript so far) speaks again; ``turns`` exchanges in all.
-5. Filter: every Socrates reply is scored by the style scorer against the message it answers
-   (and with ``--judge`` rated by the LLM judge); a dialogue whose mean scores reach the
-   profile's thresholds is kept unless it is a near-duplicate (character-shingle Jaccard
-   similarity, candidates found by MinHash) of a kept one or of a ``--dedupe-against`` file.
-6. Write: each finished dialogue is appended to OUT or OUT.rejected.jsonl (with its reason),
-   flushed and fsynced, one by one. Kept lines are socratune's data format (``messages`` with
-   alternating user/assistant turns ending on the assistant, non-empty) plus ``meta``.
-
-Failures: an endpoint that is down at the start raises ``EndpointUnreachable`` before anything
-is written; one that stops answering mid-run (after the client's retries) ends the run with
-``EndpointLost`` once the dialogues in flight are settled: all finished ones are on disk and the
-same command resumes. Ctrl-C drops the dialogues in flight (nothing half-written) and raises
-``SynthInterrupted``.
-
-Tests: ``pytest tests/test_synth.py``.
+"""A synth run: its files (output, rejects, lock and record), resume, the quality filter, the
+thread pool that keeps ``concurrency`` dialogues in flight, and the summary (see the package doc).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from .client import ChatClient, ChatReply
-from .data import jsonl_lines, load_dialogues
-from .errors import (
+from ..client import ChatClient
+from ..data import jsonl_lines, load_dialogues
+from ..errors import (
     ConfigError,
     DataError,
     EndpointFailed,
     EndpointLost,
     SynthInterrupted,
 )
-from .rundir import RunDir, write_json_atomic
+from ..rundir import RunDir, write_json_atomic
+from .conversation import Conversation, Dropped, converse
+from .dedupe import NearDuplicates, dialogue_text
+from .profile import AXES_AND_OVERALL, SynthProfile, load_synth_profile, plan_dialogue
 
 logger = logging.getLogger("socratune")
 
@@ -76,95 +37,7 @@ KEY_VARIABLES = {  # per role, then shared: the first one set is used
     "student": ("SOCRATUNE_SYNTH_STUDENT_API_KEY", "SOCRATUNE_SYNTH_API_KEY", "OPENAI_API_KEY"),
     "socrates": ("SOCRATUNE_SYNTH_SOCRATES_API_KEY", "SOCRATUNE_SYNTH_API_KEY", "OPENAI_API_KEY"),
 }
-AXES_AND_OVERALL = ("tone", "approach", "format", "logic", "overall")
 RECORD_VERSION = 1
-# A request that failed with one of these ends the run: the endpoint is gone or refuses us, and
-# every later dialogue would fail the same way. Any other 4xx (a prompt too long, say) rejects
-# only the dialogue it happened in.
-_RUN_ENDING_STATUS = {401, 403, 404, 408, 409, 429}
-
-
-# --- the synth profile ----------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RoleSpec(_Strict):
-    system_prompt: str = Field(min_length=1)
-    temperature: float = Field(ge=0, le=2)
-    max_tokens: int = Field(gt=0)
-
-
-class StudentSpec(_Strict):
-    system_prompt_template: str = Field(min_length=1)  # {name} {age} {occupation} {stance} {speech}
-    temperature: float = Field(ge=0, le=2)
-    max_tokens: int = Field(gt=0)
-
-
-class Persona(_Strict):
-    name: str
-    age: int = Field(gt=0, lt=150)
-    occupation: str
-    stance: str
-    speech: str
-
-
-class FilterSpec(_Strict):
-    min_overall: float = Field(ge=0, le=4)
-    min_axis: dict[str, float] = Field(default_factory=dict)
-    min_judge: float = Field(default=0.0, ge=0, le=4)
-    near_duplicate: float = Field(gt=0, le=1)  # Jaccard similarity at or above which two dialogues are one
-    shingle_chars: int = Field(default=5, gt=0)
-
-
-class Prices(_Strict):
-    prompt_per_million: float | None = Field(default=None, ge=0)
-    completion_per_million: float | None = Field(default=None, ge=0)
-
-
-class SynthProfile(_Strict):
-    name: str
-    socrates: RoleSpec
-    student: StudentSpec
-    personas: list[Persona] = Field(min_length=1)
-    questions: list[str] = Field(min_length=1)
-    filter: FilterSpec
-    prices: Prices = Prices()
-
-
-def load_synth_profile(path: str | Path | None = None) -> tuple[SynthProfile, str, str]:
-    """``(profile, sha256 of its text, where it came from)``; the bundled one when ``path`` is None."""
-    if path is None:
-        text = resources.files("socratune").joinpath("assets/synth_socrates.yaml").read_text(encoding="utf-8")
-        source = "bundled:synth_socrates.yaml"
-    else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read synth profile {path}: {exc}", key="--config") from None
-        source = str(path)
-    try:
-        raw = yaml.safe_load(text)
-        profile = SynthProfile.model_validate(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"synth profile {source} is not valid YAML: {str(exc)[:300]}", key="--config") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"synth profile {source}: {where}: {first['msg']}", key=where) from None
-    unknown = set(profile.filter.min_axis) - set(AXES_AND_OVERALL[:-1])
-    if unknown:
-        raise ConfigError(f"synth profile {source}: filter.min_axis has unknown axis {sorted(unknown)}",
-                          key="filter.min_axis", allowed=list(AXES_AND_OVERALL[:-1]))
-    for persona in profile.personas:
-        try:
-            profile.student.system_prompt_template.format(**persona.model_dump())
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"synth profile {source}: student.system_prompt_template uses {exc}; the persona "
-                              f"fields are {list(Persona.model_fields)}", key="student.system_prompt_template") from None
-    return profile, hashlib.sha256(text.encode("utf-8")).hexdigest(), source
 
 
 # --- files ------------------------------------------------------------------------------------------
@@ -229,148 +102,6 @@ def _append(handle: Any, line: dict[str, Any]) -> None:
     except OSError as exc:
         raise DataError(f"{exc.strerror or exc} writing {handle.name}; the dialogues before it are on disk and "
                         "the same command continues once this is fixed") from None
-
-
-# --- plan and conversation ---------------------------------------------------------------------------
-
-
-def plan_dialogue(profile: SynthProfile, seed: int, index: int) -> tuple[str, Persona]:
-    """The opening question and student persona of dialogue ``index``: the same for the same seed."""
-    rng = random.Random(f"{seed}:{index}")
-    return rng.choice(profile.questions), rng.choice(profile.personas)
-
-
-def request_seed(seed: int, index: int, step: int) -> int:
-    """A sampling seed per request, so a seeded server repeats a dialogue on a rerun."""
-    digest = hashlib.sha256(f"{seed}:{index}:{step}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-STUDENT_TURN = ("これまでの対話:\n{transcript}\n\n"
-                "ソクラテスの最後の言葉に、あなた（{name}）として次の発言だけを書いてください。")
-
-
-def _student_view(persona: Persona, messages: list[dict[str, str]]) -> str:
-    """The transcript as one user message: every chat template accepts it, whatever its role rules."""
-    speakers = {"user": f"{persona.name}", "assistant": "ソクラテス"}
-    transcript = "\n".join(f"{speakers[m['role']]}: {m['content']}" for m in messages)
-    return STUDENT_TURN.format(transcript=transcript, name=persona.name)
-
-
-def strip_speaker(text: str, speaker: str) -> str:
-    """The reply without a leading "name:" label: models continuing a transcript often add one."""
-    text = text.strip()
-    for colon in (":", "："):
-        if text.startswith(speaker + colon):
-            return text[len(speaker) + 1:].strip()
-    return text
-
-
-class _Dropped(Exception):
-    """Ctrl-C or a failed run: a dialogue in flight stops before its next request."""
-
-
-@dataclass
-class Conversation:
-    index: int
-    question: str
-    persona: Persona
-    messages: list[dict[str, str]] = field(default_factory=list)
-    replies: list[ChatReply] = field(default_factory=list)
-    judge: list[Any] = field(default_factory=list)  # Verdicts, one per Socrates reply
-    failure: str | None = None  # a request refused for this dialogue only
-
-
-def converse(index: int, question: str, persona: Persona, profile: SynthProfile, turns: int, seed: int,
-             student: ChatClient, socrates: ChatClient, stop: threading.Event) -> Conversation:
-    """One dialogue of ``turns`` exchanges; raises EndpointFailed for a run-ending failure."""
-    talk = Conversation(index, question, persona, [{"role": "user", "content": question}])
-    student_system = profile.student.system_prompt_template.format(**persona.model_dump())
-    for turn in range(turns):
-        for role in ("socrates", "student") if turn < turns - 1 else ("socrates",):
-            if stop.is_set():
-                raise _Dropped
-            step = 2 * turn + (role == "student")
-            if role == "socrates":
-                client, spec = socrates, profile.socrates
-                request = [{"role": "system", "content": spec.system_prompt}, *talk.messages]
-            else:
-                client, spec = student, profile.student
-                request = [{"role": "system", "content": student_system},
-                           {"role": "user", "content": _student_view(persona, talk.messages)}]
-            try:
-                reply = client.chat(request, temperature=spec.temperature, max_tokens=spec.max_tokens,
-                                    seed=request_seed(seed, index, step))
-            except EndpointFailed as exc:
-                if exc.status is None or exc.status >= 500 or exc.status in _RUN_ENDING_STATUS:
-                    raise
-                talk.failure = f"request_failed: {role}: {exc}"
-                return talk
-            talk.replies.append(reply)
-            speaker = "ソクラテス" if role == "socrates" else persona.name
-            talk.messages.append({"role": "assistant" if role == "socrates" else "user",
-                                  "content": strip_speaker(reply.text, speaker)})
-    return talk
-
-
-# --- quality filter ------------------------------------------------------------------------------------
-
-
-class NearDuplicates:
-    """Near-duplicate search by Jaccard similarity of character shingle sets.
-
-    MinHash (63 permutations in 21 bands of 3) finds candidates; every candidate's exact Jaccard
-    similarity decides, so there are no false positives. A pair at the 0.6 threshold becomes a
-    candidate with probability 1 - (1 - 0.6^3)^21 = 99.4 %, one at 0.8 with > 99.99 %.
-    """
-
-    BANDS, ROWS = 21, 3
-    _PRIME = (1 << 31) - 1
-
-    def __init__(self, threshold: float, shingle_chars: int):
-        import numpy as np
-
-        self.threshold, self.n = threshold, shingle_chars
-        rng = np.random.default_rng(20240611)  # fixed: signatures must agree across runs and resumes
-        size = self.BANDS * self.ROWS
-        self._a = rng.integers(1, self._PRIME, size, dtype=np.uint64)
-        self._b = rng.integers(0, self._PRIME, size, dtype=np.uint64)
-        self._buckets: dict[tuple[int, bytes], list[str]] = {}
-        self._shingles: dict[str, frozenset[str]] = {}
-
-    def shingles(self, text: str) -> frozenset[str]:
-        text = "".join(text.split())  # spacing and line breaks do not make a dialogue new
-        return frozenset(text[i:i + self.n] for i in range(max(1, len(text) - self.n + 1)))
-
-    def _bands(self, shingles: frozenset[str]) -> list[tuple[int, bytes]]:
-        import numpy as np
-
-        hashes = np.array([zlib.crc32(s.encode("utf-8")) for s in shingles], dtype=np.uint64) % self._PRIME
-        signature = ((self._a[:, None] * hashes[None, :] + self._b[:, None]) % self._PRIME).min(axis=1)
-        rows = signature.reshape(self.BANDS, self.ROWS)
-        return [(band, rows[band].tobytes()) for band in range(self.BANDS)]
-
-    def find(self, text: str) -> tuple[str, float] | None:
-        """The most similar indexed key at or above the threshold, with its similarity."""
-        shingles = self.shingles(text)
-        candidates = {key for band in self._bands(shingles) for key in self._buckets.get(band, [])}
-        best = None
-        for key in candidates:
-            other = self._shingles[key]
-            similarity = len(shingles & other) / len(shingles | other)
-            if similarity >= self.threshold and (best is None or similarity > best[1]):
-                best = (key, similarity)
-        return best
-
-    def add(self, key: str, text: str) -> None:
-        shingles = self.shingles(text)
-        self._shingles[key] = shingles
-        for band in self._bands(shingles):
-            self._buckets.setdefault(band, []).append(key)
-
-
-def dialogue_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -483,7 +214,7 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
          min_overall: float, duplicates: NearDuplicates, student: ChatClient, socrates: ChatClient, judge: Any,
          on_progress: Callable[[Progress], None] | None) -> dict[str, Any]:
     """The locked part of ``synth``: resume, generate, filter, write, summarize."""
-    from .style import AXES, StyleScorer, load_profile
+    from ..style import AXES, StyleScorer, load_profile
 
     thresholds = profile.filter
     scorer = StyleScorer(load_profile())
@@ -556,7 +287,7 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
                 for i, message in enumerate(talk.messages):
                     if message["role"] == "assistant":
                         if stop.is_set():
-                            raise _Dropped
+                            raise Dropped
                         talk.judge.append(judge.rate(message["content"], talk.messages[i - 1]["content"]))
             return talk
 
@@ -583,7 +314,7 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
                     for future in finished:
                         try:
                             talk = future.result()
-                        except _Dropped:
+                        except Dropped:
                             continue
                         except EndpointFailed as exc:
                             lost = lost or exc
