@@ -44,20 +44,20 @@ Tests: ``pytest tests/test_synth.py``.
 from .conversation import Conversation, converse, strip_speaker
 from .dedupe import NearDuplicates, dialogue_text
 from .profile import (
-           Persona,
-           SynthProfile,
-           load_synth_profile,
-           plan_dialogue,
-           request_seed,
+    Persona,
+    SynthProfile,
+    load_synth_profile,
+    plan_dialogue,
+    request_seed,
 )
 from .run import (
-           KEY_VARIABLES,
-           Progress,
-           SynthPaths,
-           SynthRequest,
-           summarize,
-           synth,
-           synth_status,
+    KEY_VARIABLES,
+    Progress,
+    SynthPaths,
+    SynthRequest,
+    summarize,
+    synth,
+    synth_status,
 )
 
 __all__ = ["KEY_VARIABLES", "Conversation", "NearDuplicates", "Persona", "Progress", "SynthPaths", "SynthProfile",
