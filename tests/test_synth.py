@@ -238,7 +238,7 @@ def test_rejects_go_beside_the_output_with_reasons(fake, tmp_path):
 def test_a_second_writer_is_kept_out_and_an_unwritable_output_is_a_clear_error(fake, tmp_path, capsys):
     server = fake()
     out = tmp_path / "data.jsonl"
-    with RunDir(SynthPaths.for_output(out).state).lock(), pytest.raises(RunDirError, match="in use by process"):
+    with RunDir(SynthPaths.for_output(out).state).lock(), pytest.raises(RunDirError):
         synth(request(out), *clients(server.url))
     assert not out.exists()
     a_file = tmp_path / "a-file"
