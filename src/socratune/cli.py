@@ -458,28 +458,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("synth", help="generate Socratic training dialogues by self-play of two chat models, filtered")
-    p.add_argument("--output", help="JSONL file of kept dialogues (rejects go to OUT.rejected.jsonl beside it)")
+    p.add_argument("--output", metavar="OUT", help="JSONL file of kept dialogues (rejects go to OUT.rejected.jsonl beside it)")
     p.add_argument("--status", metavar="OUT", help="show done / kept / rejected of a synth output and exit")
-    p.add_argument("--url", help="OpenAI-compatible server for both roles (e.g. http://127.0.0.1:8000/v1)")
-    p.add_argument("--model", help="model name for both roles")
-    p.add_argument("--student-url", help="server for the student role (default --url)")
-    p.add_argument("--student-model", help="model for the student role (default --model)")
-    p.add_argument("--socrates-url", help="server for the Socrates role (default --url)")
-    p.add_argument("--socrates-model", help="model for the Socrates role (default --model)")
-    p.add_argument("--config", help="synth profile YAML: questions, personas, prompts, per-role temperature and "
+    p.add_argument("--url", metavar="URL", help="OpenAI-compatible server for both roles (e.g. http://127.0.0.1:8000/v1)")
+    p.add_argument("--model", metavar="M", help="model name for both roles")
+    p.add_argument("--student-url", metavar="URL", help="server for the student role (default --url)")
+    p.add_argument("--student-model", metavar="M", help="model for the student role (default --model)")
+    p.add_argument("--socrates-url", metavar="URL", help="server for the Socrates role (default --url)")
+    p.add_argument("--socrates-model", metavar="M", help="model for the Socrates role (default --model)")
+    p.add_argument("--config", metavar="FILE", help="synth profile YAML: questions, personas, prompts, per-role temperature and "
                                     "max_tokens, thresholds, prices (default: the bundled one)")
-    p.add_argument("--dialogues", type=int, default=100, help="dialogues in all (a rerun continues to this count)")
-    p.add_argument("--turns", type=int, default=3, help="student/Socrates exchanges per dialogue")
-    p.add_argument("--concurrency", type=int, default=4, help="dialogues in flight at once (and requests per endpoint)")
-    p.add_argument("--seed", type=int, default=0, help="picks each dialogue's question, persona and sampling seeds")
-    p.add_argument("--min-score", type=float, help="overall style score (0-4) a dialogue needs; 0 keeps every "
+    p.add_argument("--dialogues", type=int, default=100, metavar="N",
+                   help="dialogues in all; a rerun continues to this count (default %(default)s)")
+    p.add_argument("--turns", type=int, default=3, metavar="K", help="student/Socrates exchanges per dialogue (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="C",
+                   help="dialogues in flight at once, and requests per endpoint (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="picks each dialogue's question, persona and sampling seeds (default %(default)s)")
+    p.add_argument("--min-score", type=float, metavar="S", help="overall style score (0-4) a dialogue needs; 0 keeps every "
                                                    "completed one (default: the profile's filter.min_overall)")
     p.add_argument("--dedupe-against", action="append", metavar="FILE",
                    help="drop near-duplicates of the dialogues in this data file too (repeatable)")
     p.add_argument("--judge", metavar="URL", help="also rate every Socrates reply with this LLM judge")
     p.add_argument("--judge-model", metavar="NAME", help="model name the judge server should use")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=4, help="retries of a failed request (backoff with jitter)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default %(default)s)")
+    p.add_argument("--retries", type=int, default=4, metavar="N",
+                   help="retries of a failed request, with backoff and jitter (default %(default)s)")
     p.set_defaults(handler=cmd_synth)
     return parser
 
