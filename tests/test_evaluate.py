@@ -172,7 +172,7 @@ def stub():
 
 
 def _judge(url: str, **kwargs) -> Judge:
-    return Judge(url, "stub-model", load_profile(), **{"timeout": 5, "retries": 2, "backoff": 0.01, **kwargs})
+    return Judge(url, "stub-model", load_profile(), **{"timeout": 5, "retries": 2, **kwargs})
 
 
 def test_judge_sends_the_rubric_and_key_and_reads_scores(stub, monkeypatch):

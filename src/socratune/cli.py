@@ -239,6 +239,90 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import synth_status
+
+    if args.status:
+        status = synth_status(args.status)
+        planned = "?" if status["planned"] is None else status["planned"]
+        print(f"{status['output']}: {status['done']} of {planned} dialogues done, {status['kept']} kept, "
+              f"{status['rejected']} rejected" + (" (running now)" if status["running"] else ""))
+        for reason, count in status["rejected_by_reason"].items():
+            print(f"  rejected {reason}: {count}")
+        return 0
+    from .client import ChatClient
+    from .synth import KEY_VARIABLES, SynthRequest, synth
+
+    if not args.output:
+        raise ConfigError("synth needs --output FILE (or --status FILE)", key="--output")
+    clients = {}
+    for role in ("student", "socrates"):
+        url = getattr(args, f"{role}_url") or args.url
+        model = getattr(args, f"{role}_model") or args.model
+        if not url or not model:
+            raise ConfigError(f"synth needs --url and --model (or --{role}-url and --{role}-model)",
+                              key=f"--{role}-url")
+        clients[role] = ChatClient(url, model, key_variables=KEY_VARIABLES[role], flag=f"--{role}-url",
+                                   timeout=args.timeout, max_retries=args.retries, concurrency=args.concurrency,
+                                   role=role)
+    judge = None
+    if args.judge or args.judge_model:
+        from .judge import Judge
+        from .style import load_profile
+
+        judge = Judge(args.judge or "", args.judge_model or "", load_profile(), timeout=args.timeout,
+                      retries=args.retries, concurrency=args.concurrency)
+    request = SynthRequest(output=args.output, dialogues=args.dialogues, turns=args.turns,
+                           concurrency=args.concurrency, seed=args.seed, config=args.config,
+                           min_score=args.min_score, dedupe_against=tuple(args.dedupe_against or ()))
+    summary = synth(request, clients["student"], clients["socrates"], judge, on_progress=_synth_progress())
+    print(f"{summary['output']}: {summary['kept']} kept, {summary['rejected']} rejected "
+          f"({summary['done']} of {summary['planned']} dialogues done)")
+    for reason, count in summary["rejected_by_reason"].items():
+        print(f"  rejected {reason}: {count}")
+    for name, scores in (("kept", summary["scores_kept"]), ("all", summary["scores_all"])):
+        cells = "  ".join(f"{k} {v['mean']:.2f} [{v['p10']:.2f}-{v['p90']:.2f}]" for k, v in scores.items()
+                          if v["mean"] is not None)
+        print(f"  style scores, {name} (mean [p10-p90]): {cells or 'none'}")
+    usage = summary["usage"]
+    print(f"  tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion in "
+          f"{usage['requests']} requests ({usage['attempts'] - usage['requests']} retried)" + ("" if summary["cost"] is None else f"; cost {summary['cost']:.4f}"))
+    run = summary["this_run"]
+    print(f"  this run: {run['requests_per_s']:.2f} requests/s, {run['tokens_per_s']:.1f} tokens/s")
+    return 0
+
+
+def _synth_progress():
+    """A tqdm bar on a terminal, a plain line every 10 s (and at the end) otherwise."""
+    import time
+
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = None
+
+        def show(progress) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=progress.planned, initial=progress.done - 1, unit="dialogue", file=sys.stderr)
+            bar.update(1)
+            bar.set_postfix(kept=f"{progress.kept / max(1, progress.done):.0%}",
+                            tok_s=f"{progress.tokens_per_s:.0f}", req_s=f"{progress.requests_per_s:.2f}")
+            if progress.done >= progress.planned:
+                bar.close()
+        return show
+    last = [0.0]
+
+    def log_line(progress) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 10 or progress.done >= progress.planned:
+            last[0] = now
+            print(f"synth: {progress.done}/{progress.planned} done, kept {progress.kept / max(1, progress.done):.0%}, "
+                  f"{progress.tokens_per_s:.1f} tokens/s, {progress.requests_per_s:.2f} requests/s",
+                  file=sys.stderr, flush=True)
+    return log_line
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from .style import format_summary_table, load_profile, score_jsonl
 
@@ -267,7 +351,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .judge import Judge
 
         judge = Judge(args.judge or "", args.judge_model or "", profile, timeout=args.judge_timeout,
-                      retries=args.judge_retries)
+                      retries=args.judge_retries, concurrency=args.judge_workers)
+        judge.check()  # a judge that is down fails now, not after every reply is generated
     result = evaluate(args.run_dir, prompts_path=args.prompts, limit=args.limit, checkpoints=args.checkpoints,
                       turns=args.turns, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       seed=args.seed, profile=profile, judge=judge, judge_workers=args.judge_workers)
@@ -397,6 +482,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-retries", type=int, default=3, help="retries of a failed judge request (with backoff)")
     p.add_argument("--judge-workers", type=int, default=4, help="judge requests in flight at once")
     p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("synth", help="generate Socratic training dialogues by self-play of two chat models, filtered")
+    p.add_argument("--output", metavar="OUT", help="JSONL file of kept dialogues (rejects go to OUT.rejected.jsonl beside it)")
+    p.add_argument("--status", metavar="OUT", help="show done / kept / rejected of a synth output and exit")
+    p.add_argument("--url", metavar="URL", help="OpenAI-compatible server for both roles (e.g. http://127.0.0.1:8000/v1)")
+    p.add_argument("--model", metavar="M", help="model name for both roles")
+    p.add_argument("--student-url", metavar="URL", help="server for the student role (default --url)")
+    p.add_argument("--student-model", metavar="M", help="model for the student role (default --model)")
+    p.add_argument("--socrates-url", metavar="URL", help="server for the Socrates role (default --url)")
+    p.add_argument("--socrates-model", metavar="M", help="model for the Socrates role (default --model)")
+    p.add_argument("--config", metavar="FILE", help="synth profile YAML: questions, personas, prompts, per-role temperature and "
+                                    "max_tokens, thresholds, prices (default: the bundled one)")
+    p.add_argument("--dialogues", type=int, default=100, metavar="N",
+                   help="dialogues in all; a rerun continues to this count (default %(default)s)")
+    p.add_argument("--turns", type=int, default=3, metavar="K", help="student/Socrates exchanges per dialogue (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="C",
+                   help="dialogues in flight at once, and requests per endpoint (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="picks each dialogue's question, persona and sampling seeds (default %(default)s)")
+    p.add_argument("--min-score", type=float, metavar="S", help="overall style score (0-4) a dialogue needs; 0 keeps every "
+                                                   "completed one (default: the profile's filter.min_overall)")
+    p.add_argument("--dedupe-against", action="append", metavar="FILE",
+                   help="drop near-duplicates of the dialogues in this data file too (repeatable)")
+    p.add_argument("--judge", metavar="URL", help="also rate every Socrates reply with this LLM judge")
+    p.add_argument("--judge-model", metavar="NAME", help="model name the judge server should use")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default %(default)s)")
+    p.add_argument("--retries", type=int, default=4, metavar="N",
+                   help="retries of a failed request, with backoff and jitter (default %(default)s)")
+    p.set_defaults(handler=cmd_synth)
     return parser
 
 

@@ -57,3 +57,36 @@ class TrainingInterrupted(SocratuneError):
         self.exit_code = 128 + signal_number
         self.run_dir = run_dir
         self.step = step
+
+
+class EndpointError(SocratuneError):
+    """An OpenAI-compatible endpoint (synth roles, the LLM judge) failed after its retries."""
+
+
+class EndpointUnreachable(EndpointError):
+    """The endpoint did not answer when a command started: nothing was sent or written yet."""
+
+    exit_code = 2
+
+
+class EndpointFailed(EndpointError):
+    """A request failed after its retries: ``status`` is the HTTP status (None: no answer at all)."""
+
+    def __init__(self, message: str, status: int | None = None, attempts: int = 1):
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
+
+
+class EndpointLost(EndpointError):
+    """The endpoint stopped answering mid-run; what finished is on disk and the command resumes."""
+
+
+class JudgeFailed(EndpointError):
+    """The LLM judge rated none of the replies, so its column would be empty."""
+
+
+class SynthInterrupted(SocratuneError):
+    """Ctrl-C stopped ``synth``: finished dialogues are on disk, those in flight were dropped."""
+
+    exit_code = 130

@@ -2,67 +2,42 @@
 
 Any server speaking ``POST /v1/chat/completions`` works: llama.cpp's ``llama-server``, vLLM,
 Ollama, or a hosted API. The rubric is the style profile's own (the same text a human reads
-in ``profiles/*.yaml``), so scorer and judge rate against one definition. Plain ``urllib``:
-one JSON request per reply needs no client library.
+in ``profiles/*.yaml``), so scorer and judge rate against one definition. Requests go through
+``client.ChatClient`` (the official ``openai`` package), shared with ``synth``.
 
 The API key comes only from the environment (``SOCRATUNE_JUDGE_API_KEY``, else
-``OPENAI_API_KEY``); it is sent as a bearer token and never logged, saved or put in an error
-message (any text echoing it is redacted). Network failures, timeouts, HTTP 429 and 5xx are
-retried with exponential backoff; a reply that is not valid scores is recorded as missing (with
-why), so one bad answer never costs the rest of an evaluation. Authentication and not-found
-errors stop further requests: every later reply is missing with that reason.
+``OPENAI_API_KEY``); a URL with ``user:password@`` is sent as HTTP basic auth instead. Neither is
+logged, saved or put in an error message. Timeouts, dropped connections, 429 and 5xx are
+retried by the openai client (exponential backoff with jitter, ``Retry-After`` honoured); a
+reply that is not valid scores is recorded as missing (with why), so one bad answer never costs
+the rest of an evaluation. Authentication and not-found errors stop further requests: every
+later reply is missing with that reason. A judge that rated no reply at all raises
+``JudgeFailed`` rather than leave an empty column.
 
-Tests: ``pytest tests/test_evaluate.py -k judge`` (a local stub server).
+Tests: ``pytest tests/test_evaluate.py -k judge`` and ``tests/test_judge.py`` (local stub servers).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .client import ChatClient, chat_completions_url, public_url
+from .errors import ConfigError, EndpointFailed, JudgeFailed
 from .style import AXES, StyleProfile
 
 logger = logging.getLogger("socratune")
 
+__all__ = ["Judge", "Verdict", "chat_completions_url", "parse_verdict", "public_url"]
+
 API_KEY_VARIABLES = ("SOCRATUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _FATAL_STATUS = {401, 403, 404}  # the same for every request: asking again only repeats it
 _JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
-def chat_completions_url(url: str) -> str:
-    """The full endpoint from a server root, a ``/v1`` base or the endpoint itself."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(f"--judge must be an http(s) URL, got {url!r}", key="--judge")
-    path = parsed.path.rstrip("/")
-    if not path.endswith("/chat/completions"):
-        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
-    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, parsed.query, ""))
-
-
-def public_url(url: str) -> str:
-    """The URL without user info or query string, which may carry credentials: what is saved."""
-    parsed = urllib.parse.urlsplit(url)
-    host = parsed.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", ""))
-
-
-def api_key_from_env() -> str | None:
-    return next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v)), None)
+JUDGE_MAX_TOKENS = 512  # four scores with one-sentence reasons
 
 
 def rubric_prompt(profile: StyleProfile) -> str:
@@ -138,84 +113,59 @@ class Judge:
     """A client for one judge model; ``rate`` never raises for a failed request."""
 
     def __init__(self, url: str, model: str, profile: StyleProfile, *, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 1.0, api_key: str | None = None):
+                 api_key: str | None = None, concurrency: int = 4):
         if not model:
             raise ConfigError("--judge needs --judge-model NAME (the model the server should use)",
                               key="--judge-model")
-        if timeout <= 0 or retries < 0:
+        if not timeout > 0 or retries < 0:
             raise ConfigError("--judge-timeout must be > 0 and --judge-retries >= 0", key="--judge-timeout")
+        self.client = ChatClient(url, model, key_variables=API_KEY_VARIABLES, flag="--judge", timeout=timeout,
+                                 max_retries=retries, concurrency=concurrency, api_key=api_key, role="judge")
         self.endpoint = chat_completions_url(url)
         self.model = model
         self.system = rubric_prompt(profile)
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._key = api_key if api_key is not None else api_key_from_env()
+        self.timeout, self.retries = timeout, retries
         self._fatal: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """What a report may say about the judge (no key, no credentials in the URL)."""
         return {"url": public_url(self.endpoint), "model": self.model, "timeout_s": self.timeout,
-                "retries": self.retries, "api_key_sent": self._key is not None}
+                "retries": self.retries, "api_key_sent": self.client.auth != "none"}
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-    def _post(self, body: bytes) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
+    def check(self) -> None:
+        """Fail now, before hours of generation, when the judge server does not answer."""
+        self.client.check()
 
     def rate(self, reply: str, user_message: str | None = None) -> Verdict:
         if self._fatal:
             return _missing(self._fatal, 0)
-        body = json.dumps({
-            "model": self.model,
-            "temperature": 0,
-            "messages": [{"role": "system", "content": self.system},
-                         {"role": "user", "content": user_prompt(reply, user_message)}],
-        }).encode("utf-8")
-        error = "no attempt made"
-        for attempt in range(1, self.retries + 2):
-            if attempt > 1:
-                time.sleep(self.backoff * 2 ** (attempt - 2))
-            try:
-                answer = self._post(body)
-            except urllib.error.HTTPError as exc:
-                error = self._redact(f"HTTP {exc.code} {exc.reason}")
-                if exc.code in _FATAL_STATUS:
-                    self._fatal = f"judge stopped after {error}"
-                    logger.warning("LLM judge: %s; no further requests are made", error)
-                    return _missing(error, attempt)
-                if exc.code not in _RETRY_STATUS:
-                    return _missing(error, attempt)
-                continue
-            except TimeoutError:
-                error = f"timed out after {self.timeout:g} s"
-                continue
-            except urllib.error.URLError as exc:
-                error = (f"timed out after {self.timeout:g} s" if isinstance(exc.reason, TimeoutError)
-                         else self._redact(f"cannot reach the judge: {exc.reason}"))
-                continue
-            except (ValueError, OSError) as exc:  # bad JSON or bytes, a dropped connection
-                error = self._redact(f"unreadable response: {exc}")
-                continue
-            try:
-                content = answer["choices"][0]["message"]["content"]
-            except (KeyError, IndexError, TypeError):
-                return _missing(self._redact(f"not a chat completion: {json.dumps(answer)[:120]}"), attempt)
-            verdict = parse_verdict(content if isinstance(content, str) else "")
-            verdict.error = self._redact(verdict.error) if verdict.error else None
-            verdict.attempts = attempt
-            return verdict
-        return _missing(f"{error} ({self.retries + 1} attempts)", self.retries + 1)
+        messages = [{"role": "system", "content": self.system},
+                    {"role": "user", "content": user_prompt(reply, user_message)}]
+        try:
+            answer = self.client.chat(messages, temperature=0, max_tokens=JUDGE_MAX_TOKENS)
+        except EndpointFailed as exc:
+            if exc.status in _FATAL_STATUS:
+                self._fatal = f"judge stopped after {exc}"
+                logger.warning("LLM judge: %s; no further requests are made", exc)
+            return _missing(str(exc), exc.attempts)
+        verdict = parse_verdict(answer.text)
+        verdict.error = self.client.redact(verdict.error) if verdict.error else None
+        verdict.attempts = answer.attempts
+        return verdict
 
     def rate_many(self, items: list[tuple[str, str | None]], workers: int = 4) -> list[Verdict]:
-        """Rate ``(reply, user_message)`` pairs, ``workers`` requests in flight; input order kept."""
+        """Rate ``(reply, user_message)`` pairs, ``workers`` requests in flight; input order kept.
+
+        Raises ``JudgeFailed`` when not one reply got a single score: an empty judge column is a
+        failure to report, not a result.
+        """
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             verdicts = list(pool.map(lambda item: self.rate(*item), items))
         missing = sum(v.error is not None for v in verdicts)
+        if verdicts and all(all(s is None for s in v.scores.values()) for v in verdicts):
+            raise JudgeFailed(f"the LLM judge at {public_url(self.endpoint)} scored none of the {len(verdicts)} "
+                              f"replies; first error: {verdicts[0].error}. Check --judge, --judge-model and the "
+                              "judge's key (SOCRATUNE_JUDGE_API_KEY or OPENAI_API_KEY)")
         if missing:
             logger.warning("LLM judge: %d of %d replies have missing scores (see evaluation.json)",
                            missing, len(verdicts))
