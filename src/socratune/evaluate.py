@@ -49,6 +49,7 @@ from .rundir import (
     write_text_atomic,
 )
 from .style import AXES, StyleProfile, StyleScorer, load_profile
+from .style.calibrate import JUDGED_JSONL, write_judged_jsonl
 
 logger = logging.getLogger("socratune")
 
@@ -605,6 +606,8 @@ def evaluate(run_dir: str | Path, *, prompts_path: str | Path | None = None, lim
         try:
             _plot(records, subjects, data["statistics"], staged)
             write_json_atomic(staged / EVALUATION_JSON, data)
+            if judge is not None:  # judge once, then calibrate and score offline (docs/style.md)
+                write_judged_jsonl(records, staged / JUDGED_JSONL)
             write_text_atomic(staged / REPORT_MD, render_report(data))
             previous = _publish(staged, final)
         except BaseException:

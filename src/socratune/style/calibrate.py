@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from ..data import jsonl_lines
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..rundir import write_text_atomic
 from .profile import AXES, FEATURES, Calibration, StyleProfile
 from .scorer import StyleScorer, combine
@@ -64,6 +64,7 @@ class CalibrationResult:
     uncalibrated_cv_spearman: dict[str, float | None]  # the starting profile on the same held-out folds
     uncalibrated_spearman: dict[str, float | None]  # the starting profile on all rows
     folds: int
+    kept_axes: list[str]  # axes where refitting did not beat the starting weights (or too few ratings)
 
 
 def _row_problem(item: Any) -> str | None:
@@ -158,7 +159,12 @@ def _folds(rows: list[JudgedRow], k: int, seed: int) -> list[int]:
 
 def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
               source: str = "(rows)", source_sha256: str = "") -> CalibrationResult:
-    """Fit ``profile``'s combination weights to ``rows``; report k-fold CV Spearman per axis."""
+    """Fit ``profile``'s combination weights to ``rows``; report k-fold CV Spearman per axis.
+
+    An axis keeps the starting weights when it has fewer than MIN_ROWS ratings or when the
+    refitted weights do no better than the starting ones on the held-out folds."""
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {folds}", key="--folds")
     if len(rows) < MIN_ROWS:
         raise DataError(f"{source}: {len(rows)} judged repl{'y' if len(rows) == 1 else 'ies'}; calibrate needs "
                         f"at least {MIN_ROWS} to fit and cross-validate weights (judge more replies)")
@@ -175,6 +181,7 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
     before: dict[str, float | None] = {}
     before_cv: dict[str, float | None] = {}
     counts: dict[str, int] = {}
+    kept: list[str] = []  # axes whose starting weights were kept
     for axis in AXES:
         model = getattr(profile.combine, axis)
         prior = (model.intercept, dict(model.weights))
@@ -185,6 +192,7 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
         before[axis] = spearman([combine(profile, axis, f) if f else 0.0 for f in feats], ratings)
         if len(idx) < MIN_ROWS:
             fitted[axis], cv[axis], before_cv[axis] = prior, None, None  # too few ratings: keep the prior
+            kept.append(axis)
             continue
         calibrated_rho, uncalibrated_rho = [], []
         for f in range(k):
@@ -202,19 +210,25 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
         pairs = [(c, u) for c, u in zip(calibrated_rho, uncalibrated_rho) if c is not None and u is not None]
         cv[axis] = round(sum(c for c, _ in pairs) / len(pairs), 4) if pairs else None
         before_cv[axis] = round(sum(u for _, u in pairs) / len(pairs), 4) if pairs else None
-        fitted[axis] = _fit_axis(feats, ratings, prior, axis)
+        if cv[axis] is not None and before_cv[axis] is not None and cv[axis] <= before_cv[axis]:
+            # Refitting did no better on held-out folds than the starting weights: keep those,
+            # rather than ship weights that only fit these rows.
+            fitted[axis] = prior
+            kept.append(axis)
+        else:
+            fitted[axis] = _fit_axis(feats, ratings, prior, axis)
     calibrated = _with_weights(profile, fitted)
     record = Calibration(file=Path(source).name, sha256=source_sha256, rows=len(rows), rows_per_axis=counts,
                          date=datetime.now(timezone.utc).replace(microsecond=0), folds=k,
                          method=f"scipy lsq_linear, signs fixed, ridge {RIDGE} toward {profile.name}; "
                                 f"{k}-fold CV grouped by dialogue, seed {seed}",
                          cv_spearman=cv, uncalibrated_cv_spearman=before_cv, uncalibrated_spearman=before,
-                         base_profile=profile.name)
+                         kept_axes=kept, base_profile=profile.name)
     data = calibrated.model_dump(exclude_none=True)
     data["calibration"] = record.model_dump()
     data["description"] = (f"{profile.description} Combination weights calibrated on {record.file} "
                            f"({len(rows)} judged replies).").strip()
-    return CalibrationResult(StyleProfile.model_validate(data), len(rows), counts, cv, before_cv, before, k)
+    return CalibrationResult(StyleProfile.model_validate(data), len(rows), counts, cv, before_cv, before, k, kept)
 
 
 def calibrate_file(judged_path: Path, profile: StyleProfile, output: Path, *, folds: int = DEFAULT_FOLDS,
@@ -228,6 +242,23 @@ def calibrate_file(judged_path: Path, profile: StyleProfile, output: Path, *, fo
     result = calibrate(rows, profile, folds=folds, seed=seed, source=str(judged_path), source_sha256=digest)
     write_profile(result.profile, output)
     return result
+
+
+def format_calibration(result: CalibrationResult, output: str | Path) -> str:
+    """The terminal summary: held-out Spearman per axis, starting profile beside calibrated."""
+    rows = [f"calibrated on {result.rows} judged replies; Spearman with the judge, mean over "
+            f"{result.folds} held-out folds (grouped by dialogue)",
+            f"{'axis':<10}{'ratings':>8}{'uncalibrated':>14}{'calibrated':>12}"]
+    for axis in AXES:
+        def show(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+        note = "" if axis not in result.kept_axes else (
+            f"  (fewer than {MIN_ROWS} ratings: weights kept)" if result.rows_per_axis[axis] < MIN_ROWS
+            else "  (no better held out: starting weights kept)")
+        rows.append(f"{axis:<10}{result.rows_per_axis[axis]:>8}{show(result.uncalibrated_cv_spearman[axis]):>14}"
+                    f"{show(result.cv_spearman[axis]):>12}{note}")
+    rows.append(f"wrote {output}; use it with --profile {output} (score, evaluate) or style.profile (train)")
+    return "\n".join(rows)
 
 
 def write_profile(profile: StyleProfile, path: Path) -> None:
