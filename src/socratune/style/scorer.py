@@ -535,21 +535,41 @@ class StyleScorer:
 _DEGENERATE = ("unknown_words", "broken_grammar", "repetition", "stutter", "no_predicate", "echo")
 
 
+# Neighbours Japanese grammar does not allow, as (POS of a word, POS of the next): a
+# sentence-final particle with the sentence going on (かね + 景), a case particle followed by
+# a copula, final or conjunctive particle (が + だ, を + ね), particles doubled (は + は), a
+# plain-form verb taking は directly (考える + は). Each is at most a few in ten thousand word
+# pairs of the shared real Socratic dialogues, and common in shuffled text.
+_IMPOSSIBLE = (
+    (("助詞", "終助詞"), ("名詞",)), (("助詞", "終助詞"), ("動詞",)), (("助詞", "終助詞"), ("助詞", "格助詞")),
+    (("助詞", "格助詞"), ("助動詞",)), (("助詞", "格助詞"), ("助詞", "終助詞")),
+    (("助詞", "格助詞"), ("助詞", "接続助詞")),
+    (("助詞", "係助詞"), ("助詞", "係助詞")), (("助詞", "係助詞"), ("助詞", "終助詞")),
+    (("助詞", "副助詞"), ("助詞", "副助詞")),
+)
+
+
 def _broken_grammar(sentences: list[_Sentence]) -> list[str]:
-    """Sequences Japanese grammar does not allow, which word salad is full of: a te-form particle
-    after something that does not conjugate (景え + て), an interjection inside a clause, a
-    suffix with nothing to attach to, a run of single-kanji words the dictionary could not join."""
+    """Sequences Japanese grammar does not allow, which word salad is full of: the neighbours
+    in ``_IMPOSSIBLE``, a te-form particle after something that does not conjugate (景え + て),
+    an interjection inside a clause, a suffix with nothing to attach to."""
     found = []
     for s in sentences:
-        ms = [m for m in s.morphs if m.pos[0] not in _SKIP]
+        # Punctuation stays in: words either side of 、 are not neighbours (〜かね、それとも).
+        ms = [m for m in s.morphs if m.pos[0] != "空白" and not m.quoted]
         for i, m in enumerate(ms):
             before = ms[i - 1] if i else None
-            if m.pos[1] == "接続助詞" and m.surface in ("て", "で") and (
+            if before is not None and any(before.pos[:len(a)] == a and m.pos[:len(b)] == b for a, b in _IMPOSSIBLE):
+                found.append(f"'{before.surface}{m.surface}' ({before.pos[1]} then {m.pos[1] if m.pos[1] != '*' else m.pos[0]})")
+            elif (before is not None and before.pos[0] == "動詞" and before.pos[5].startswith(("終止形", "連体形"))
+                  and m.pos[1] == "係助詞" and m.surface == "は"):
+                found.append(f"'{before.surface}{m.surface}' (plain verb then は)")
+            elif m.pos[1] == "接続助詞" and m.surface in ("て", "で") and (
                     before is None or before.pos[0] not in ("動詞", "形容詞", "助動詞")):
                 found.append(f"'{(before.surface if before else '') + m.surface}' (te-form after no verb)")
             elif m.pos[0] == "感動詞" and before is not None and i + 1 < len(ms) and ms[i + 1].pos[0] == "助詞":
                 found.append(f"'{m.surface}{ms[i + 1].surface}' (interjection inside a clause)")
-            elif m.pos[0] == "接尾辞" and (before is None or before.pos[0] in ("助詞", "助動詞", "接尾辞")):
+            elif m.pos[0] == "接尾辞" and (before is None or before.pos[0] in ("助詞", "助動詞")):
                 found.append(f"'{m.surface}' (suffix with nothing to attach to)")
     return found
 
