@@ -33,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from socratune.style import AXES, StyleScorer, load_profile  # noqa: E402
-from socratune.style.calibrate import calibrate, read_judged, spearman  # noqa: E402
-from socratune.style.scorer import _tokenizer  # noqa: E402
+from socratune.style import AXES, StyleScorer, load_profile
+from socratune.style.calibrate import calibrate, read_judged, spearman
+from socratune.style.scorer import _tokenizer
 
 POLITE = [("のかね", "のですか"), ("かね", "ですか"), ("だろうか", "でしょうか"), ("だね", "ですね"),
           ("だよ", "ですよ"), ("のだ。", "のです。"), ("だ。", "です。"), ("君", "あなた"), ("かな", "でしょうか")]

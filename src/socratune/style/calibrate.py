@@ -122,7 +122,7 @@ def spearman(scores: list[float], ratings: list[float]) -> float | None:
 
 
 def _fit_axis(features: list[dict[str, float]], ratings: list[float], prior: tuple[float, dict[str, float]],
-              axis: str) -> tuple[float, dict[str, float]]:
+              axis: str, ridge: float) -> tuple[float, dict[str, float]]:
     """Intercept and weights: bounded least squares plus a ridge pull toward ``prior``."""
     import numpy as np
     from scipy.optimize import lsq_linear
@@ -132,8 +132,8 @@ def _fit_axis(features: list[dict[str, float]], ratings: list[float], prior: tup
     y = np.array(ratings)
     intercept0, weights0 = prior
     start = np.array([intercept0] + [weights0.get(n, 0.0) for n in names])
-    # Ridge rows: sqrt(RIDGE) * (w - w0) = 0 for every weight and the intercept.
-    pull = math.sqrt(RIDGE) * np.eye(len(names) + 1)
+    # Ridge rows: sqrt(ridge) * (w - w0) = 0 for every weight and the intercept.
+    pull = math.sqrt(ridge) * np.eye(len(names) + 1)
     a = np.vstack([x, pull])
     b = np.concatenate([y, pull @ start])
     lower = [-8.0] + [0.0 if FEATURES[axis][n] > 0 else -np.inf for n in names]
@@ -158,7 +158,7 @@ def _folds(rows: list[JudgedRow], k: int, seed: int) -> list[int]:
 
 
 def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
-              source: str = "(rows)", source_sha256: str = "") -> CalibrationResult:
+              source: str = "(rows)", source_sha256: str = "", ridge: float = RIDGE) -> CalibrationResult:
     """Fit ``profile``'s combination weights to ``rows``; report k-fold CV Spearman per axis.
 
     An axis keeps the starting weights when it has fewer than MIN_ROWS ratings or when the
@@ -201,7 +201,7 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
             if not test or not train:
                 continue
             part = _with_weights(profile, {axis: _fit_axis([feats[j] for j in train],
-                                                           [ratings[j] for j in train], prior, axis)})
+                                                           [ratings[j] for j in train], prior, axis, ridge)})
             truth = [ratings[j] for j in test]
             calibrated_rho.append(spearman([combine(part, axis, feats[j]) if feats[j] else 0.0 for j in test], truth))
             uncalibrated_rho.append(spearman([combine(profile, axis, feats[j]) if feats[j] else 0.0 for j in test],
@@ -216,11 +216,11 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
             fitted[axis] = prior
             kept.append(axis)
         else:
-            fitted[axis] = _fit_axis(feats, ratings, prior, axis)
+            fitted[axis] = _fit_axis(feats, ratings, prior, axis, ridge)
     calibrated = _with_weights(profile, fitted)
     record = Calibration(file=Path(source).name, sha256=source_sha256, rows=len(rows), rows_per_axis=counts,
                          date=datetime.now(timezone.utc).replace(microsecond=0), folds=k,
-                         method=f"scipy lsq_linear, signs fixed, ridge {RIDGE} toward {profile.name}; "
+                         method=f"scipy lsq_linear, signs fixed, ridge {ridge} toward {profile.name}; "
                                 f"{k}-fold CV grouped by dialogue, seed {seed}",
                          cv_spearman=cv, uncalibrated_cv_spearman=before_cv, uncalibrated_spearman=before,
                          kept_axes=kept, base_profile=profile.name)
@@ -232,26 +232,28 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
 
 
 def calibrate_file(judged_path: Path, profile: StyleProfile, output: Path, *, folds: int = DEFAULT_FOLDS,
-                   seed: int = 0) -> CalibrationResult:
+                   seed: int = 0, ridge: float = RIDGE) -> CalibrationResult:
     """The ``socratune calibrate`` back end: read, fit, write ``output`` (never over an existing file)."""
     judged_path, output = Path(judged_path), Path(output)
     if output.exists():
         raise DataError(f"{output} already exists; choose another --output or remove it first")
     rows = read_judged(judged_path)
     digest = hashlib.sha256(judged_path.read_bytes()).hexdigest()
-    result = calibrate(rows, profile, folds=folds, seed=seed, source=str(judged_path), source_sha256=digest)
+    result = calibrate(rows, profile, folds=folds, seed=seed, source=str(judged_path), source_sha256=digest,
+                       ridge=ridge)
     write_profile(result.profile, output)
     return result
 
 
 def format_calibration(result: CalibrationResult, output: str | Path) -> str:
     """The terminal summary: held-out Spearman per axis, starting profile beside calibrated."""
-    rows = [f"calibrated on {result.rows} judged replies; Spearman with the judge, mean over "
-            f"{result.folds} held-out folds (grouped by dialogue)",
+    rows = [(f"calibrated on {result.rows} judged replies; Spearman with the judge, mean over "
+             f"{result.folds} held-out folds (grouped by dialogue)"),
             f"{'axis':<10}{'ratings':>8}{'uncalibrated':>14}{'calibrated':>12}"]
+    def show(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
     for axis in AXES:
-        def show(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.3f}"
         note = "" if axis not in result.kept_axes else (
             f"  (fewer than {MIN_ROWS} ratings: weights kept)" if result.rows_per_axis[axis] < MIN_ROWS
             else "  (no better held out: starting weights kept)")

@@ -40,7 +40,14 @@ from sudachipy import Dictionary, SplitMode
 from ..data import jsonl_lines
 from ..errors import DataError
 from ..rundir import write_text_atomic
-from .profile import AXES, DEFAULT_PROFILE, SCORE_KEYS, Marker, StyleProfile, load_profile
+from .profile import (
+    AXES,
+    DEFAULT_PROFILE,
+    SCORE_KEYS,
+    Marker,
+    StyleProfile,
+    load_profile,
+)
 
 # --- morphology ------------------------------------------------------------------------------
 
