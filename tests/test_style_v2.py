@@ -75,7 +75,8 @@ def test_word_salad_with_socratic_endings_gets_low_logic_and_overall(scorer, sal
 
 def test_real_sentences_have_no_broken_grammar(scorer):
     for text in (SOCRATIC, "では聞くが、それは本当に幸福と呼べるものかな？それとも、別の何かだろうか？",
-                 "面白い。君の言う「正しさ」は、誰が決めるのだね？", "考えはしないのかね、それとも考えられないのかね？"):
+                 "面白い。君の言う「正しさ」は、誰が決めるのだね？", "考えはしないのかね、それとも考えられないのかね？",
+                 "いったい何かなと考えるかね？"):
         assert not any(e.startswith("broken grammar") for e in scorer.score(text).explanations), text
 
 
