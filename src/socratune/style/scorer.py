@@ -567,8 +567,8 @@ def _broken_grammar(sentences: list[_Sentence]) -> list[str]:
         for i, m in enumerate(ms):
             before = ms[i - 1] if i else None
             quoting = m.surface in ("と", "って")  # 〜かなと考える: a quoted question, not a broken one
-            if before is not None and not quoting and any(before.pos[:len(a)] == a and m.pos[:len(b)] == b
-                                                          for a, b in _IMPOSSIBLE):
+            if (before is not None and before.pos[0] == "助詞" and not quoting
+                    and any(before.pos[:len(a)] == a and m.pos[:len(b)] == b for a, b in _IMPOSSIBLE)):
                 found.append(f"'{before.surface}{m.surface}' ({before.pos[1]} then {m.pos[1] if m.pos[1] != '*' else m.pos[0]})")
             elif (before is not None and before.pos[0] == "動詞" and before.pos[5].startswith(("終止形", "連体形"))
                   and m.pos[1] == "係助詞" and m.surface == "は"):
