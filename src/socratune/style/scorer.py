@@ -10,7 +10,8 @@ steps, kept apart so that the second can be refitted to a user's own judge:
    the prompt. ``profile.FEATURES`` lists them with the sign each may take.
 2. **Combination** (data, the profile's ``combine`` section): axis = clip(intercept + sum of
    weight * feature, 0, 4). ``socratune calibrate`` fits these weights to judge ratings
-   (``calibrate.py``); the shipped weights are round numbers set by reading the judge's rubric.
+   (``calibrate.py``); the shipped weights are round numbers set by reading the judge's rubric
+   and checked (not fitted) against the judged development half.
 
 Why few features: a rule per observed reply fits its author's ratings and not an external
 judge's (style v1 reached 0.72 tone on the replies it was tuned on and 0.45 on unseen ones). A
