@@ -162,7 +162,8 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
     """Fit ``profile``'s combination weights to ``rows``; report k-fold CV Spearman per axis.
 
     An axis keeps the starting weights when it has fewer than MIN_ROWS ratings or when the
-    refitted weights do no better than the starting ones on the held-out folds."""
+    refitted weights do no better than the starting ones on the held-out folds (or rho is
+    undefined there, as with ratings that are all the same)."""
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}", key="--folds")
     if len(rows) < MIN_ROWS:
@@ -210,9 +211,10 @@ def calibrate(rows: list[JudgedRow], profile: StyleProfile, *, folds: int = DEFA
         pairs = [(c, u) for c, u in zip(calibrated_rho, uncalibrated_rho) if c is not None and u is not None]
         cv[axis] = round(sum(c for c, _ in pairs) / len(pairs), 4) if pairs else None
         before_cv[axis] = round(sum(u for _, u in pairs) / len(pairs), 4) if pairs else None
-        if cv[axis] is not None and before_cv[axis] is not None and cv[axis] <= before_cv[axis]:
-            # Refitting did no better on held-out folds than the starting weights: keep those,
-            # rather than ship weights that only fit these rows.
+        if cv[axis] is None or before_cv[axis] is None or cv[axis] <= before_cv[axis]:
+            # Refitting did no better on held-out folds than the starting weights (or the folds
+            # cannot tell: constant ratings): keep those, rather than ship weights that only fit
+            # these rows.
             fitted[axis] = prior
             kept.append(axis)
         else:
