@@ -65,6 +65,7 @@ def test_quotes_inside_a_reply_are_not_a_wrapper():
     "では景えてしまうものかね？",
     "ね君景えてしまうかねもの、はがだ考えるだろうか？",
     "自由はをね君がだ選択かね意志のはは本当だろうか？",
+    "ふむ、それは何の\ufffdを\ufffd感を本当がく、それとも、どちらが兽\ufffdするものだろうか？",  # the tiny model's
 ])
 def test_word_salad_with_socratic_endings_gets_low_logic_and_overall(scorer, salad):
     s, good = scorer.score(salad, "自由とは何でしょうか。"), scorer.score("君の言う自由とは、何でも選べることかね？",
@@ -76,7 +77,7 @@ def test_word_salad_with_socratic_endings_gets_low_logic_and_overall(scorer, sal
 def test_real_sentences_have_no_broken_grammar(scorer):
     for text in (SOCRATIC, "では聞くが、それは本当に幸福と呼べるものかな？それとも、別の何かだろうか？",
                  "面白い。君の言う「正しさ」は、誰が決めるのだね？", "考えはしないのかね、それとも考えられないのかね？",
-                 "いったい何かなと考えるかね？"):
+                 "いったい何かなと考えるかね？", "友との約束は、明日への希望へと変わるのだろうか？"):
         assert not any(e.startswith("broken grammar") for e in scorer.score(text).explanations), text
 
 

@@ -557,9 +557,15 @@ _IMPOSSIBLE = (
 )
 
 
+# Case particles that may follow another one (への, との and any + の aside): in 400 real
+# Socratic turns these were the only pairs of two case particles.
+_CASE_PAIRS = frozenset({"へと", "からと", "からへ", "までを"})
+
+
 def _broken_grammar(sentences: list[_Sentence]) -> list[str]:
     """Sequences Japanese grammar does not allow, which word salad is full of: the neighbours
-    in ``_IMPOSSIBLE``, a te-form particle after something that does not conjugate (景え + て),
+    in ``_IMPOSSIBLE``, two case particles (とが), a te-form particle after something that does
+    not conjugate (景え + て),
     an interjection inside a clause, a suffix with nothing to attach to."""
     found = []
     for s in sentences:
@@ -571,6 +577,9 @@ def _broken_grammar(sentences: list[_Sentence]) -> list[str]:
             if (before is not None and before.pos[0] == "助詞" and not quoting
                     and any(before.pos[:len(a)] == a and m.pos[:len(b)] == b for a, b in _IMPOSSIBLE)):
                 found.append(f"'{before.surface}{m.surface}' ({before.pos[1]} then {m.pos[1] if m.pos[1] != '*' else m.pos[0]})")
+            elif (before is not None and before.pos[:2] == m.pos[:2] == ("助詞", "格助詞")
+                  and m.surface != "の" and before.surface + m.surface not in _CASE_PAIRS):
+                found.append(f"'{before.surface}{m.surface}' (two case particles)")
             elif (before is not None and before.pos[0] == "動詞" and before.pos[5].startswith(("終止形", "連体形"))
                   and m.pos[1] == "係助詞" and m.surface == "は"):
                 found.append(f"'{before.surface}{m.surface}' (plain verb then は)")
