@@ -302,6 +302,9 @@ def test_evaluate_writes_a_consistent_report_and_keeps_the_previous_one(default_
     assert judged["statistics"]["judge_summary"]["tuned"]["tone"]["n"] + \
         judged["statistics"]["judge_summary"]["base"]["tone"]["n"] == 4
     assert (folder / AGREEMENT_PNG).exists() and "## LLM judge" in (folder / REPORT_MD).read_text("utf-8")
+    # The judged replies, in `socratune calibrate`'s input form (the two the judge missed left out).
+    lines = [json.loads(line) for line in (folder / "judged.jsonl").read_text("utf-8").splitlines()]
+    assert len(lines) == 4 and all(set(line) == {"id", "prompt", "text", "judge"} for line in lines)
     output = capsys.readouterr()
     for text in (output.out, output.err, caplog.text,
                  *(p.read_text(encoding="utf-8") for p in folder.iterdir() if p.suffix in (".json", ".md"))):

@@ -67,9 +67,9 @@ def test_tone_gives_partial_credit_by_polite_share_and_ending(scorer):
     plain = scorer.score("君の考えは面白い。では、幸福とは何かね？")
     socratic = scorer.score("君の考えは面白いね。では、幸福とは何だろうか？")
     assert all_polite.tone < half_polite.tone < plain.tone < socratic.tone
-    # A polite sentence earns no ending credit even when it ends in a Socratic particle.
-    assert "sentence 1 ends with 〜ね (tone credit 0.00)" in half_polite.explanations
-    assert 1.0 <= half_polite.tone <= 3.0
+    # A polite sentence earns half its ending credit (the profile's polite_sentence_credit).
+    assert "sentence 1 ends with 〜ね (tone credit 0.38)" in half_polite.explanations
+    assert 1.0 <= half_polite.tone <= 3.25
 
 
 def test_asking_beats_lecturing_on_approach(scorer):
@@ -89,12 +89,14 @@ def test_giving_the_answer_then_asking_for_approval_is_half_way(scorer):
 @pytest.mark.parametrize(
     ("text", "evidence"),
     [
-        ("<p>君は幸福とは何だと考えるのかね？</p>", "HTML '<p>'"),
+        ("<p>君は幸福とは何だと考えるのかね？</p>", "markup '<p>'"),
+        ("**君は**幸福とは何だと考えるのかね？", "markup '**君は**'"),
+        ("君は幸福とは何だと考え\ufffdるのかね？", "1 U+FFFD replacement character(s) (an invalid byte sequence)"),
         ("君は幸福とは何だと考えるのかね？<end_of_turn>", "special token '<end_of_turn>'"),
         ("<pad>君は幸福とは何だと考えるのかね？<pad>", "special token '<pad>'"),
         ("君は幸福とは[UNK]何だと考えるのかね？", "special token '[UNK]'"),
         ("君は幸福とは何だと考えるのかね？😊", "emoji '😊'"),
-        ("hello 君は幸福とは何だと考えるのかね？", "English word 'hello'"),
+        ("hello 君は幸福とは何だと考えるのかね？", "not Japanese: 'hello'"),
         ("君は幸福とは  何だと考えるのかね？", "1 run(s) of spaces inside the text"),
         ("君は幸福とは何だと考えるのかね？\\nでは続けよう。",
          "1 odd line break(s) (mid-sentence, blank runs or a literal \\n)"),
@@ -207,7 +209,7 @@ def test_import_loads_neither_torch_nor_the_dictionary():
     code = (
         "import sys, socratune.style as s; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
-        "assert s._dictionary.cache_info().currsize == 0"
+        "from socratune.style import scorer; assert scorer._dictionary.cache_info().currsize == 0"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": src})
@@ -236,13 +238,13 @@ def test_shipped_profile_loads_with_a_full_rubric():
 
 def test_unknown_key_is_named_with_its_file_and_the_allowed_keys(tmp_path):
     data = _shipped()
-    data["tone"]["wieghts"] = data["tone"].pop("weights")
+    data["tone"]["adress"] = data["tone"].pop("address")
     path = _write(tmp_path, data)
     with pytest.raises(ConfigError) as err:
         load_profile(path)
-    assert err.value.key == "tone.wieghts"
-    assert str(path) in str(err.value) and "unknown key 'tone.wieghts'" in str(err.value)
-    assert "weights" in err.value.allowed
+    assert err.value.key == "tone.adress"
+    assert str(path) in str(err.value) and "unknown key 'tone.adress'" in str(err.value)
+    assert "address" in err.value.allowed
 
 
 def test_unknown_key_inside_a_marker_list_is_named(tmp_path):
@@ -256,10 +258,10 @@ def test_unknown_key_inside_a_marker_list_is_named(tmp_path):
 
 def test_wrong_type_is_named(tmp_path):
     data = _shipped()
-    data["approach"]["weights"]["question"] = "a lot"
+    data["combine"]["approach"]["weights"]["asks"] = "a lot"
     with pytest.raises(ConfigError) as err:
         load_profile(_write(tmp_path, data))
-    assert err.value.key == "approach.weights.question"
+    assert err.value.key == "combine.approach.weights.asks"
     assert "valid number" in str(err.value)
 
 

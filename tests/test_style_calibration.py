@@ -90,8 +90,8 @@ def test_a_question_after_a_long_explanation_is_an_afterthought(scorer):
     lecture = scorer.score(
         "美しいものを見ると心が動く理由については、いくつかの説があります。美しい風景は、安全で豊かな環境の"
         "サインだったためです。また、美しいものを見ると、脳の報酬系が活性化します。あなたはどう思いますか？")
-    assert framing.approach >= 3.5
-    assert lecture.approach <= framing.approach - 1.5
+    assert framing.approach >= 3.0
+    assert lecture.approach <= framing.approach - 1.2
     assert any(e.startswith("statements are") for e in lecture.explanations)
 
 
@@ -100,7 +100,8 @@ def test_polite_reply_that_asks_ranks_above_one_that_explains(scorer):
                           "では、怠けるとはどういうことでしょうか？"
                           "休むことと怠けることは同じでしょうか？")
     explaining = scorer.score("知識と賢さは違うものです。知識は情報の量ですが、賢さはそれをどう使うかです。")
-    assert explaining.tone == 0.0 and 0.3 <= asking.tone <= 1.2
+    # Both are polite (rubric level 1); asking keeps a trace of Socrates' voice.
+    assert explaining.tone <= 0.5 and asking.tone >= explaining.tone + 0.3 and asking.tone <= 1.5
 
 
 @pytest.mark.parametrize("text", [",,,,,,,,,,,ない,ない,ない,ない,ない,ない,ない", "66666666666666嘘ら嘘ら嘘ら嘘ら嘘ら",
@@ -108,7 +109,7 @@ def test_polite_reply_that_asks_ranks_above_one_that_explains(scorer):
 def test_garbage_is_not_readable_japanese(scorer, text):
     s = scorer.score(text)
     assert s.format <= 2.0 and s.tone <= 1.0 and s.approach <= 1.0
-    assert any("stray symbols or repeated runs" in e for e in s.explanations)
+    assert any("of the characters are stray symbols" in e for e in s.explanations)
 
 
 def test_stutter_and_loops_lower_tone_and_approach_not_only_logic(scorer):
@@ -122,7 +123,7 @@ def test_stutter_and_loops_lower_tone_and_approach_not_only_logic(scorer):
 
 def test_chinese_and_emoji(scorer):
     chinese = scorer.score("美しさか。君が美しいと感じるものは、他人も美しいと感じるだろうか？这是一个好问题。")
-    assert chinese.format <= 3.0 and "non-Japanese script '这'" in chinese.explanations
+    assert chinese.format <= 3.0 and "not Japanese: '这'" in chinese.explanations
     emoji = scorer.score("永遠か、面白い言葉だね🤔 君は、変わらないことが友情の条件だと考えるのかな？✨",
                          "友情は永遠に続きますか。")
     # Emoji cost format only; they are not unknown words or a cut-off sentence.

@@ -339,6 +339,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if bad_lines and not records else 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .style import load_profile
+    from .style.calibrate import calibrate_file, format_calibration
+
+    result = calibrate_file(Path(args.file), load_profile(args.profile), Path(args.output), folds=args.folds)
+    print(format_calibration(result, args.output))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .report import REPORT_MD
@@ -462,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="socrates", help="style profile name or YAML path")
     p.add_argument("--output", help="write scores here instead of stdout")
     p.set_defaults(handler=cmd_score)
+
+    p = sub.add_parser("calibrate", help="fit the style scorer's weights to judge ratings; writes a profile")
+    p.add_argument("file", help='JSONL lines {"id", "prompt", "text", "judge": {"tone": 0-4, ...}} '
+                                "(evaluate --judge writes RUN/evaluation/judged.jsonl)")
+    p.add_argument("--profile", default="socrates", help="profile to start from: name or YAML path")
+    p.add_argument("--output", required=True, help="the calibrated profile YAML to write (must not exist)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by dialogue")
+    p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("evaluate",
                        help="base vs tuned model vs checkpoints on held-out prompts; report in RUN/evaluation")

@@ -63,6 +63,7 @@ from .rundir import (
     write_text_atomic,
 )
 from .style import StyleProfile, StyleScorer, load_profile
+from .style.calibrate import JUDGED_JSONL, write_judged_jsonl
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -393,6 +394,8 @@ def evaluate(run_dir: str | Path, *, prompts_path: str | Path | None = None, lim
             plot_report(records, data["models"], data["statistics"], staged, run.path.name,
                         next(s.step for s in subjects if s.kind == "tuned"))
             write_json_atomic(staged / EVALUATION_JSON, data)
+            if judge is not None:  # judge once, then calibrate and score offline (docs/style.md)
+                write_judged_jsonl(records, staged / JUDGED_JSONL)
             write_text_atomic(staged / REPORT_MD, render_report(data))
             previous = _publish(staged, final)
         except BaseException:
