@@ -67,10 +67,41 @@ CHECKPOINT_LAYOUTS = {
 }
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only
+    be read by setting it, which would race with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(parent: Path, name: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` beside ``parent/name``, with the mode a plain ``open`` would give
+    (mkstemp's 0600 would survive the rename: nobody else could read a model or a report)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """``tempfile.mkdtemp`` beside ``parent/name``, with the mode ``mkdir`` would give (not 0700)."""
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    staged.chmod(0o777 & ~current_umask())
+    return staged
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename;
+    the file gets the user's umask, like any other file the user writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

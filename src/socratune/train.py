@@ -215,6 +215,7 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
         resource_usage,
     )
     from .modeling import add_lora, detect_hardware, load_base, resolve_model_source
+    from .progress import ProgressCallback
     from .style import StyleScorer, load_profile
     from .trainer import adapter_state_for_saving, build_trainer, summarize_run
 
@@ -250,7 +251,8 @@ def _fit(config: Config, run: RunDir, ranks: Ranks, tokenizer: Any, report: Vali
     monitor = TrainingMonitorCallback(run / METRICS, run / PLOTS)
     stop = StopOnSignal(ranks)
     trainer = build_trainer(config, hardware, model, tokenizer, run.checkpoints_dir, train_examples, eval_examples,
-                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit, ranks), stop],
+                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit, ranks), stop,
+                                       ProgressCallback()],
                             fresh=resume is None)
 
     # 6. Train; SIGTERM/SIGINT end it early with a checkpoint at the step reached.
