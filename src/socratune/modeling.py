@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .rundir import match_umask
 from .tiny import save_tiny
 
 TINY = "tiny"
@@ -75,6 +76,7 @@ def resolve_model_source(name_or_path: str, tiny_dir: Path) -> str:
     if name_or_path == TINY:
         if not (tiny_dir / "config.json").exists():
             save_tiny(tiny_dir)
+            match_umask(tiny_dir)
         # Absolute: PEFT records it in adapter_config.json and resolves it against the CWD of
         # whoever loads the adapter, so a relative path works from one directory only.
         return str(tiny_dir.resolve())

@@ -43,10 +43,11 @@ def progress_line(step: int, total: int, elapsed_s: float, left_s: float | None)
 
 def console_shows_info(log: logging.Logger) -> bool:
     """Whether INFO messages of ``log`` reach stderr or stdout (false under ``-q``)."""
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
     node: logging.Logger | None = log
     while node is not None:
         for handler in node.handlers:
-            if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if (isinstance(handler, logging.StreamHandler) and handler.stream in consoles
                     and handler.level <= logging.INFO):
                 return True
         node = node.parent if node.propagate else None
