@@ -13,7 +13,12 @@ import pytest
 
 from socratune.cli import main
 from socratune.modeling import point_adapters_at_base, resolve_model_source
-from socratune.rundir import RunDir, checkpoint_problem, write_manifest, write_text_atomic
+from socratune.rundir import (
+    RunDir,
+    checkpoint_problem,
+    write_manifest,
+    write_text_atomic,
+)
 
 
 def _mode(path: Path) -> int:
