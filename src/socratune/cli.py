@@ -344,8 +344,8 @@ def _common_parent() -> argparse.ArgumentParser:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (see `socratune config`)")
-    parser.add_argument("--preset", choices=_preset_names(),
-                        help="preset to start from (default: the config file's preset:, else tiny)")
+    parser.add_argument("--preset", help=f"preset to start from: {', '.join(_preset_names())} "
+                                         "(default: the config file's preset:, else tiny)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="set one config key, in the YAML's dotted form (train.epochs=5, "
                              "lora.target_modules=[q_proj,v_proj]); repeatable; over --config and --preset, "
