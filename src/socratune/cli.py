@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_generate)
 
     p = command("chat", "talk to a run in the terminal (streaming, multi-turn)",
-                "Type a message and Enter; /help lists the chat commands.", "socratune chat runs/tiny")
+                "Type a message and Enter. /reset starts over, /system TEXT sets a system prompt,\n"
+                "/save FILE appends the conversation to FILE as training data, /quit ends.", "socratune chat runs/tiny")
     p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
     p.add_argument("--max-context", type=int,
                    help="tokens of conversation kept for the model (default and ceiling: the model's context)")
