@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_readme_opens_with_the_commands_ci_runs_then_socratune_train():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    first_block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    first_block = re.search(r"```bash\n(.*?)```", readme, re.DOTALL).group(1).strip().splitlines()
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert len(first_block) == 3 and first_block[2] == "socratune train"
     for command in first_block[:2]:

@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}".rstrip(),
-                              epilog=f"example:\n  {example}", parents=[common], formatter_class=_HelpFormatter)
+        return sub.add_parser(name, help=summary, epilog=f"example:\n  {example}", parents=[common],
+                              description=f"{summary[0].upper()}{summary[1:]}.\n\n{description}".rstrip(),
+                              formatter_class=_HelpFormatter)
 
     p = command("train", "fine-tune a run, or resume or continue it",
                 "With no arguments: the built-in tiny model on the bundled sample dialogues, into runs/tiny.\n"
