@@ -3,6 +3,7 @@ loads with plain PEFT from any directory, also after the run directory was moved
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -125,11 +126,19 @@ def test_plain_peft_and_socratune_use_a_moved_or_copied_run_from_any_directory(
     assert main(["generate", str(elsewhere), "幸福とは何でしょうか？", "--max-new-tokens", "8"]) == 0
     checkpoint = RunDir(elsewhere).checkpoints()[-1]
     assert main(["generate", str(elsewhere), "幸福とは？", "--checkpoint", checkpoint.name, "--max-new-tokens", "4"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("こんにちは\n/quit\n"))
+    assert main(["chat", str(elsewhere), "--max-new-tokens", "4"]) == 0
+    assert "bot>" in capsys.readouterr().out
+    assert main(["evaluate", str(elsewhere), "--limit", "1", "--checkpoints", checkpoint.name,
+                 "--max-new-tokens", "4"]) == 0
+    assert (elsewhere / "evaluation" / "report.md").exists()
     capsys.readouterr()
     assert checkpoint_problem(checkpoint) is None  # the re-pointed checkpoint still validates
 
     ids = torch.tensor([[1, 5, 9, 12]])
     for adapter, name in ((elsewhere / "adapter", None), (checkpoint, checkpoint.name)):
+        recorded = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        assert recorded["base_model_name_or_path"] == str(elsewhere.resolve() / "base")  # not the original's
         plain = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
         ours, _ = load_for_inference(elsewhere, name)
         with torch.no_grad():
