@@ -137,3 +137,11 @@ def test_status_of_a_directory_that_is_not_a_run_is_an_error(tmp_path, capsys):
     assert "is not a run directory" in err and str(tmp_path) in err
     assert main(["status", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_validate_takes_set_too(capsys):
+    from socratune.train import bundled_data_path
+
+    assert main(["validate", str(bundled_data_path()), "--set", "data.max_seq_len=64"]) == 0
+    out = capsys.readouterr().out
+    assert "data.max_seq_len is 64" in out and "160 dialogues ready" not in out
