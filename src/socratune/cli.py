@@ -7,6 +7,7 @@ transformers) are imported inside the handlers, so ``socratune --help`` answers 
     socratune train                       # tiny model on the bundled sample, offline
     socratune train --preset gemma2-2b-jpn-qlora --data dialogues.json --output runs/gemma
     socratune validate dialogues.json
+    socratune config --preset gemma2-2b-jpn-qlora --set train.epochs=5 > run.yaml
     socratune generate runs/tiny "幸福とは何でしょうか？"
     socratune chat runs/tiny
     socratune export runs/tiny --merged merged/ --gguf tiny.gguf
@@ -235,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _looks_like_run(run) -> bool:
+def _looks_like_run(run: Any) -> bool:
     """A run directory: the config a run records first, a checkpoint, or a live writer's lock."""
     from .rundir import CONFIG_YAML
 
