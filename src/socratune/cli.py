@@ -7,6 +7,7 @@ transformers) are imported inside the handlers, so ``socratune --help`` answers 
     socratune train                       # tiny model on the bundled sample, offline
     socratune train --preset gemma2-2b-jpn-qlora --data dialogues.json --output runs/gemma
     socratune validate dialogues.json
+    socratune config --preset gemma2-2b-jpn-qlora --set train.epochs=5 > run.yaml
     socratune generate runs/tiny "幸福とは何でしょうか？"
     socratune chat runs/tiny
     socratune export runs/tiny --merged merged/ --gguf tiny.gguf
@@ -28,28 +29,31 @@ EXIT_BAD_INPUT = 2
 
 
 def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
-    """The config from preset, ``--config`` and flags; with ``continue_run``, an existing run
+    """The config from preset, ``--config``, ``--set`` and flags; with ``continue_run``, an existing run
     directory's recorded config replaces the preset underneath, so ``train --output RUN`` resumes
     with the settings the run started with."""
     from .config import load_config
 
     overrides: dict[str, Any] = {}
     if args.model:
-        overrides["model.name_or_path"] = args.model
+        # A local directory is recorded absolute, so the run finds its base from any directory.
+        local = Path(args.model).expanduser()
+        overrides["model.name_or_path"] = str(local.resolve()) if local.is_dir() else args.model
     if args.data:
         overrides["data.path"] = str(Path(args.data).resolve())  # the run resumes from any directory
     if getattr(args, "output", None):
         overrides["run.output_dir"] = args.output
     if getattr(args, "epochs", None) is not None:
         overrides["train.epochs"] = args.epochs
-    config = load_config(args.config, args.preset, overrides)
+    assignments = getattr(args, "set", None)
+    config = load_config(args.config, args.preset, overrides, assignments=assignments)
     if continue_run:
         from .resume import read_recorded_config
         from .rundir import RunDir
 
         recorded = read_recorded_config(RunDir(config.run.output_dir))
         if recorded is not None:
-            config = load_config(args.config, args.preset, overrides, recorded=recorded)
+            config = load_config(args.config, args.preset, overrides, recorded=recorded, assignments=assignments)
     return config
 
 
@@ -223,9 +227,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .rundir import RunDir, run_status
+    from .errors import RunDirError
+    from .rundir import CONFIG_YAML, RunDir, run_status
 
-    status = run_status(RunDir(args.run_dir))
+    run = RunDir(args.run_dir)
+    if run.exists() and not _looks_like_run(run):
+        raise RunDirError(f"{run.path} is not a run directory (no {CONFIG_YAML}, no checkpoints/); "
+                          "a run directory is what `socratune train --output DIR` creates")
+    if (run.base_dir / "config.json").exists():  # a tiny-base run: re-point its adapters if it was moved
+        from .modeling import point_adapters_at_base
+
+        point_adapters_at_base(run, str(run.base_dir.resolve()))
+    status = run_status(run)
     if args.json:
         print(json.dumps(status, ensure_ascii=False, indent=2))
         return 0
@@ -323,6 +336,20 @@ def _synth_progress():
     return log_line
 
 
+def _looks_like_run(run: Any) -> bool:
+    """A run directory: the config a run records first, a checkpoint, or a live writer's lock."""
+    from .rundir import CONFIG_YAML
+
+    return (run / CONFIG_YAML).exists() or bool(run.checkpoints()) or run.lock_holder() is not None
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import commented_yaml
+
+    print(commented_yaml(_config_from_args(args)), end="")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from .style import format_summary_table, load_profile, score_jsonl
 
@@ -382,32 +409,100 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, where there is one worth showing (not for switches
+    and unset options); descriptions and examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+PROGRAM_DESCRIPTION = """\
+Fine-tune a causal language model into a Japanese Socratic chatbot with LoRA or QLoRA, and
+manage the run: validate data, train (resumable), chat, generate, evaluate, serve, export.
+
+Start here (tiny built-in model, bundled data, offline, a few minutes on a CPU):
+    socratune train
+    socratune chat runs/tiny
+"""
+
+
+def _profile_names() -> list[str]:
+    """Shipped style profiles, read from the package folder (no scorer import for --help)."""
+    from importlib import resources
+
+    folder = resources.files("socratune") / "profiles"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_names() -> list[str]:
+    from .config import available_presets
+
+    return available_presets()
+
+
+def _common_parent() -> argparse.ArgumentParser:
+    """-q / -v, accepted before or after the subcommand. SUPPRESS as default, so the subcommand's
+    parser does not reset a flag given before the subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    verbosity = parent.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="only warnings, errors and results")
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="also the libraries' own warnings and messages (silenced by default)")
+    return parent
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file for the run")
-    parser.add_argument("--preset", help="preset to start from: tiny (default) or gemma2-2b-jpn-qlora")
-    parser.add_argument("--model", help='"tiny", a local model directory, or a hub id')
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (see `socratune config`)")
+    parser.add_argument("--preset", help=f"preset to start from: {', '.join(_preset_names())} "
+                                         "(default: the config file's preset:, else tiny)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="set one config key, in the YAML's dotted form (train.epochs=5, "
+                             "lora.target_modules=[q_proj,v_proj]); repeatable; over --config and --preset, "
+                             "under the named flags such as --epochs")
+    parser.add_argument("--model", help='"tiny", a local model directory, or a hub id (model.name_or_path)')
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="use checkpoints/NAME (or a path) instead of the final adapter")
     parser.add_argument("--base", action="store_true", help="the untuned base model, for comparison")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of "
+                                                                 "tokens whose probabilities sum to this")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = none; >1 discourages repeats")
+    parser.add_argument("--seed", type=int, help="seed for sampled replies (temperature > 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="socratune", description=__doc__.split("\n")[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    p = sub.add_parser("train", help="fine-tune (or resume) a run; no arguments = tiny model, bundled data")
+    common = _common_parent()
+    parser = argparse.ArgumentParser(prog="socratune", description=PROGRAM_DESCRIPTION, parents=[common],
+                                     formatter_class=_HelpFormatter,
+                                     epilog="Each command has its own help: socratune COMMAND --help")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, epilog=f"example:\n  {example}", parents=[common],
+                              description=f"{summary[0].upper()}{summary[1:]}.\n\n{description}".rstrip(),
+                              formatter_class=_HelpFormatter)
+
+    p = command("train", "fine-tune a run, or resume or continue it",
+                "With no arguments: the built-in tiny model on the bundled sample dialogues, into runs/tiny.\n"
+                "Run it again on the same --output to resume from the last valid checkpoint, with the\n"
+                "settings the run started with; a finished run says so and does nothing.",
+                "socratune train --preset gemma2-2b-jpn-qlora --data dialogues.json --output runs/gemma "
+                "--set train.learning_rate=1e-4")
     _add_config_flags(p)
-    p.add_argument("--data", help="JSON or JSONL dialogues (default: bundled sample)")
-    p.add_argument("--output", help="run directory (default: runs/PRESET)")
-    p.add_argument("--epochs", type=float, help="override train.epochs")
+    p.add_argument("--data", help="JSON or JSONL dialogues (default: the bundled sample)")
+    p.add_argument("--output", help="run directory (default: the config's run.output_dir, runs/PRESET)")
+    p.add_argument("--epochs", type=float, help="train.epochs (a finished run given more continues from its end)")
     p.add_argument("--resume-from", help="checkpoint to resume from (name under checkpoints/ or a path)")
     p.add_argument("--show-example", action="store_true", help="log one templated example with trained tokens marked")
     p.add_argument("--overwrite", action="store_true",
@@ -417,14 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run although data, model, LoRA, quantization or sequence settings changed")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("validate", help="check a dialogue file without training")
-    p.add_argument("file")
+    p = command("validate", "check a dialogue file without training",
+                "Templates and tokenizes every dialogue as training would, and reports what would be\n"
+                "rejected and why.", "socratune validate dialogues.json --rejected rejected.jsonl")
+    p.add_argument("file", help="JSON or JSONL dialogues to check")
     _add_config_flags(p)
     p.add_argument("--rejected", help="also write the rejected rows with reasons to this JSONL file")
     p.set_defaults(handler=cmd_validate)
 
-    p = sub.add_parser("generate", help="the tuned model's reply to a prompt, or replies to a JSONL file of prompts")
-    p.add_argument("run_dir")
+    p = command("config", "print the resolved config as YAML, each key explained",
+                "The preset, --config file and --set assignments resolved into one YAML file, with each\n"
+                "key's meaning as a comment; save it, edit it, and train with --config.",
+                "socratune config --preset gemma2-2b-jpn-qlora --set train.epochs=5 > my.yaml")
+    _add_config_flags(p)
+    p.set_defaults(handler=cmd_config, data=None)
+
+    p = command("generate", "the tuned model's reply to a prompt, or replies to a JSONL file of prompts",
+                "One PROMPT: its reply is printed. --input: one reply per line, as JSONL that\n"
+                "`socratune score` reads.", 'socratune generate runs/tiny "幸福とは何でしょうか？"')
+    p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
     p.add_argument("prompt", nargs="?", help="one prompt; its reply is printed")
     p.add_argument("--input", help='JSONL prompts: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}')
     p.add_argument("--output", help='write {"id", "text", "prompt"} lines here (socratune score input); '
@@ -433,16 +539,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("chat", help="talk to a run in the terminal (streaming, multi-turn)")
-    p.add_argument("run_dir")
+    p = command("chat", "talk to a run in the terminal (streaming, multi-turn)",
+                "Type a message and Enter. /reset starts over, /system TEXT sets a system prompt,\n"
+                "/save FILE appends the conversation to FILE as training data, /quit ends.", "socratune chat runs/tiny")
+    p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
     p.add_argument("--max-context", type=int,
                    help="tokens of conversation kept for the model (default and ceiling: the model's context)")
     _add_generation_flags(p)
     p.set_defaults(handler=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible API and a chat page in the browser")
-    p.add_argument("run_dir")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback, this machine only)")
+    p = command("serve", "OpenAI-compatible API and a chat page in the browser",
+                "The generation flags are the defaults for requests that do not name their own.",
+                "socratune serve runs/tiny --port 8000")
+    p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (default: the "
                    "SOCRATUNE_API_KEY environment variable, which keeps the key out of the process list)")
@@ -453,26 +563,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)  # the defaults for requests that do not name their own
     p.set_defaults(handler=cmd_serve)
 
-    p = sub.add_parser("export", help="merge the adapter into the base: transformers directory and/or GGUF")
-    p.add_argument("run_dir")
+    p = command("export", "merge the adapter into the base: transformers directory and/or GGUF",
+                "Give --merged, --gguf or both.", "socratune export runs/tiny --merged merged/ --gguf tiny.gguf")
+    p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
     p.add_argument("--merged", help="directory for the merged transformers model and tokenizer")
     p.add_argument("--gguf", help="GGUF file for llama.cpp / Ollama (Llama-architecture models)")
     p.add_argument("--checkpoint", help="export checkpoints/NAME (or a path) instead of the final adapter")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory or existing file")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("status", help="state of a run: step, checkpoints, best scores")
-    p.add_argument("run_dir")
+    p = command("status", "state of a run: step, checkpoints, best scores",
+                "A directory that is not a run is an error (exit 2).", "socratune status runs/tiny --json")
+    p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("score", help="score replies for Socratic style (JSONL in, JSONL out)")
+    profiles = ", ".join(_profile_names())
+    p = command("score", "score replies for Socratic style (JSONL in, JSONL out)",
+                "A summary table goes to stderr.", "socratune score replies.jsonl --output scores.jsonl")
     p.add_argument("file", help='JSONL lines {"id": ..., "text": ..., "prompt": ... (optional)}')
-    p.add_argument("--profile", default="socrates", help="style profile name or YAML path")
+    p.add_argument("--profile", default="socrates", help=f"style profile: one of {profiles}, or a YAML path")
     p.add_argument("--output", help="write scores here instead of stdout")
     p.set_defaults(handler=cmd_score)
 
-    p = sub.add_parser("calibrate", help="fit the style scorer's weights to judge ratings; writes a profile")
+    p = command("calibrate", "fit the style scorer's weights to judge ratings; writes a profile",
+                "Prints cross-validated agreement (Spearman, folds grouped by dialogue) beside the uncalibrated "
+                "scorer's; the profile records what it was fitted on.",
+                "socratune calibrate runs/gemma/evaluation/judged.jsonl --output my_profile.yaml")
     p.add_argument("file", help='JSONL lines {"id", "prompt", "text", "judge": {"tone": 0-4, ...}} '
                                 "(evaluate --judge writes RUN/evaluation/judged.jsonl)")
     p.add_argument("--profile", default="socrates", help="profile to start from: name or YAML path")
@@ -480,18 +597,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by dialogue")
     p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("evaluate",
-                       help="base vs tuned model vs checkpoints on held-out prompts; report in RUN/evaluation")
-    p.add_argument("run_dir")
+    p = command("evaluate", "base vs tuned model vs checkpoints on held-out prompts",
+                "Writes a report (Markdown, JSON, plots) into RUN/evaluation; the previous report is kept.",
+                "socratune evaluate runs/tiny --limit 20 --checkpoints none")
+    p.add_argument("run_dir", help="run directory (what `socratune train --output` wrote)")
     p.add_argument("--prompts", help='JSONL {"id": ..., "prompt": ..., "followups": [...] (optional)}; '
                                      "default: 40 bundled held-out questions")
     p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--checkpoints", default="all", help="all (default), none, or names: checkpoint-80,160")
+    p.add_argument("--checkpoints", default="all", help="all, none, or names: checkpoint-80,160")
     p.add_argument("--turns", type=int, default=0, help="continue each dialogue N more exchanges with a scripted user")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed")
-    p.add_argument("--profile", default="socrates", help="style profile name or YAML path")
+    p.add_argument("--profile", default="socrates", help=f"style profile: one of {profiles}, or a YAML path")
     p.add_argument("--judge", metavar="URL", help="OpenAI-compatible server (e.g. http://localhost:8080/v1) to rate "
                                                   "replies too; key from SOCRATUNE_JUDGE_API_KEY or OPENAI_API_KEY")
     p.add_argument("--judge-model", metavar="NAME", help="model name the judge server should use")
@@ -500,7 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-workers", type=int, default=4, help="judge requests in flight at once")
     p.set_defaults(handler=cmd_evaluate)
 
-    p = sub.add_parser("synth", help="generate Socratic training dialogues by self-play of two chat models, filtered")
+    p = command("synth", "generate Socratic training dialogues by self-play of two chat models, filtered",
+                "A student and Socrates talk through any OpenAI-compatible server; every Socrates reply is scored\n"
+                "and near-duplicates are dropped. Keys come from environment variables only (docs/synth.md).\n"
+                "Run the same command again to continue where it stopped.",
+                "socratune synth --output data.jsonl --url http://127.0.0.1:8000/v1 --model tiny --dialogues 20")
     p.add_argument("--output", metavar="OUT", help="JSONL file of kept dialogues (rejects go to OUT.rejected.jsonl beside it)")
     p.add_argument("--status", metavar="OUT", help="show done / kept / rejected of a synth output and exit")
     p.add_argument("--url", metavar="URL", help="OpenAI-compatible server for both roles (e.g. http://127.0.0.1:8000/v1)")
@@ -531,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     log = logging.getLogger("socratune")
     for previous in [h for h in log.handlers if h.get_name() == "socratune-cli"]:
         log.removeHandler(previous)  # main() called again in one process (tests, notebooks)
@@ -543,14 +665,19 @@ def _setup_logging(quiet: bool) -> None:
         quiet = quiet or rank != 0
     else:
         handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     log.addHandler(handler)
-    log.setLevel(logging.INFO)  # train.log always gets everything
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)  # train.log always gets everything
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(getattr(args, "quiet", False), verbose)
+    if not verbose:
+        from .quiet import silence_harmless_messages
+
+        silence_harmless_messages()
     if args.command in ("train", "generate", "validate", "chat", "export", "serve", "evaluate"):
         from transformers.utils import logging as hf_logging
 

@@ -1,10 +1,11 @@
 """Typed run configuration: one YAML file per run, presets underneath, CLI flags on top.
 
-A config is built in three layers, each overriding the one before:
+A config is built in four layers, each overriding the one before:
 
 1. a preset shipped in ``socratune/presets/`` (``tiny`` unless another is named),
 2. the user's YAML file (which may name its own ``preset:``),
-3. flags from the command line, given as dotted keys (``{"model.name_or_path": "..."}``).
+3. ``--set KEY=VALUE`` assignments from the command line, in the YAML's dotted keys,
+4. the named flags (``--model``, ``--epochs``...), given as dotted keys (``{"model.name_or_path": "..."}``).
 
 Every section forbids unknown keys, so a typo is an error that names the key and the keys
 allowed there, never a silently ignored setting. Only ``train.py`` and ``cli.py`` see the whole
@@ -13,6 +14,7 @@ config; components take plain arguments.
 
 from __future__ import annotations
 
+import textwrap
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -45,17 +47,20 @@ class ModelSection(Section):
 
 class QuantSection(Section):
     load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit with bitsandbytes")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit number format; nf4 suits normally distributed weights")
     double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param saved)")
-    compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    compute_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype the 4-bit weights are dequantized to for each matmul (float32 on a CPU)"
+    )
 
 
 class LoraSection(Section):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(16, gt=0, description="LoRA rank: size of the low-rank update per adapted matrix")
+    alpha: int = Field(32, gt=0, description="LoRA scaling; the update is multiplied by alpha / r")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the adapter's input while training")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="names of the modules that get an adapter (last part of the name)")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases are trained as well")
 
 
 class DataSection(Section):
@@ -68,28 +73,32 @@ class DataSection(Section):
         description="padded: each batch padded to its longest dialogue; packed: several dialogues per row, "
         "position ids restarting per dialogue, no dialogue attending to another (checked on the model)",
     )
-    train_frac: float = Field(0.8, gt=0.0, le=1.0)
+    train_frac: float = Field(0.8, gt=0.0, le=1.0,
+                              description="share of dialogue groups that go to training; the rest is held out")
     eval_cap: int = Field(100, ge=0, description="at most this many eval dialogues (eval cost grows with it)")
-    split_seed: int = 42
+    split_seed: int = Field(42, description="seed of the train/eval split (kept for the life of a run)")
 
 
 class TrainSection(Section):
-    epochs: float = Field(3.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant_with_warmup"] = "cosine"
-    batch_size: int = Field(4, gt=0)
-    eval_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0)
+    epochs: float = Field(3.0, gt=0, description="passes over the training dialogues (fractions allowed)")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate of the adapter (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of the steps spent ramping the learning rate up")
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warmup"
+    )
+    batch_size: int = Field(4, gt=0, description="training dialogues per step and process")
+    eval_batch_size: int = Field(8, gt=0, description="dialogues per forward pass when computing eval loss")
+    grad_accum: int = Field(1, gt=0, description="steps whose gradients are summed before one update "
+                            "(effective batch = batch_size x grad_accum x processes)")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 = no clipping")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="mixed precision; auto = bf16 where CUDA supports it, fp16 on older GPUs, fp32 on CPU"
     )
-    eval_steps: int = Field(20, gt=0)
-    save_steps: int = Field(100, gt=0)
-    save_total_limit: int = Field(20, gt=0)
-    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(20, gt=0, description="evaluate eval loss and style every N optimizer steps")
+    save_steps: int = Field(100, gt=0, description="write a resumable checkpoint every N optimizer steps")
+    save_total_limit: int = Field(20, gt=0, description="checkpoints kept; older ones are deleted")
+    logging_steps: int = Field(5, gt=0, description="log training loss every N optimizer steps")
     sampling: Literal["random", "group_by_length"] = Field(
         "group_by_length", description="group similar lengths into batches so dynamic padding wastes little"
     )
@@ -102,7 +111,7 @@ class TrainSection(Section):
         "best_eval_loss", description="which step's weights become the final adapter: the lowest eval loss "
         "(default: the least noisy signal), the highest style score (noisy: few generated replies), or the last step",
     )
-    seed: int = 42
+    seed: int = Field(42, description="seed of adapter initialisation, batch order and dropout")
 
 
 class StyleSection(Section):
@@ -116,14 +125,14 @@ class RunSection(Section):
 
 
 class Config(Section):
-    preset: str = DEFAULT_PRESET
-    model: ModelSection = Field(default_factory=ModelSection)
-    quant: QuantSection = Field(default_factory=QuantSection)
-    lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSection = Field(default_factory=DataSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    style: StyleSection = Field(default_factory=StyleSection)
-    run: RunSection = Field(default_factory=RunSection)
+    preset: str = Field(DEFAULT_PRESET, description="preset the other values start from (socratune config --preset NAME)")
+    model: ModelSection = Field(default_factory=ModelSection, description="the base model and how it is loaded")
+    quant: QuantSection = Field(default_factory=QuantSection, description="4-bit quantization of the frozen base (QLoRA)")
+    lora: LoraSection = Field(default_factory=LoraSection, description="the trained low-rank adapter")
+    data: DataSection = Field(default_factory=DataSection, description="the dialogues, their templating and the train/eval split")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimizer, schedule, batches, evaluation and checkpoint cadence")
+    style: StyleSection = Field(default_factory=StyleSection, description="the Socratic style monitor run at each evaluation")
+    run: RunSection = Field(default_factory=RunSection, description="where the run lives")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, for ``training_config.json`` and ``config.yaml`` in the run directory."""
@@ -188,20 +197,52 @@ def _allowed_keys(path: tuple[str | int, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(exc: ValidationError, source: str) -> ConfigError:
+def _explain(exc: ValidationError, source: str, assigned: dict[str, str] | None = None) -> ConfigError:
+    """One line per problem, naming where the bad value came from: ``assigned`` maps dotted keys
+    given on the command line to how they were given (``--set train.epochs=x``), else ``source``."""
     lines = []
     first_key, first_allowed = None, None
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
+        origin = _origin(key, assigned or {}, source)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"])
-            lines.append(f"{source}: unknown key '{key}'; allowed: {', '.join(allowed)}")
+            lines.append(f"{origin}: unknown key '{key}'; allowed: {', '.join(allowed)}")
         else:
             allowed = None  # pydantic's message already lists the allowed literals
-            lines.append(f"{source}: '{key}': {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{origin}: '{key}': {err['msg']} (got {err.get('input')!r})")
         first_key = first_key or key
         first_allowed = first_allowed or allowed
     return ConfigError("\n".join(lines), key=first_key, allowed=first_allowed)
+
+
+def _origin(key: str, assigned: dict[str, str], source: str) -> str:
+    """The command-line assignment that set ``key`` (or a section or list holding it), else ``source``."""
+    for dotted, given in assigned.items():
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return given
+    return source
+
+
+def parse_assignments(assignments: list[str] | None) -> dict[str, Any]:
+    """``["train.epochs=5", "lora.target_modules=[q_proj, v_proj]"]`` as dotted-key overrides.
+
+    Each value is read as a YAML value, so it takes the type it would have in the config file
+    (``5`` a number, ``true`` a boolean, ``null`` none, ``[a, b]`` a list); the keys are checked
+    when the config is built, with the same messages as a file's keys.
+    """
+    parsed: dict[str, Any] = {}
+    for assignment in assignments or []:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=5",
+                              key=key or None)
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: the value {text!r} is not a valid YAML value: {exc}", key=key) from exc
+    return parsed
 
 
 def load_config(
@@ -209,14 +250,17 @@ def load_config(
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     recorded: dict[str, Any] | None = None,
+    assignments: list[str] | None = None,
 ) -> Config:
-    """Build the run config from a preset, an optional YAML file and dotted-key overrides.
+    """Build the run config from a preset, an optional YAML file, ``--set`` assignments and
+    dotted-key overrides, each layer above the one before.
 
     The preset is chosen by ``preset`` if given, else by the file's ``preset:`` key, else
     ``tiny``. ``recorded`` is the config an existing run directory was trained with: unless a
     preset is named, it replaces the preset as the bottom layer, so ``train --output RUN``
-    continues with the values the run started with. Raises ConfigError naming the file, the bad
-    key and the allowed values.
+    continues with the values the run started with. ``assignments`` are ``KEY=VALUE`` strings
+    (``--set``); ``overrides`` (the named flags such as ``--epochs``) win over them. Raises
+    ConfigError naming the file or ``--set``, the bad key and the allowed values.
     """
     file_data: dict[str, Any] = {}
     source = "flags"
@@ -227,19 +271,21 @@ def load_config(
             file_data = _read_yaml(path.read_text(encoding="utf-8"), source)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    named_preset = preset or file_data.get("preset")
+    assigned = parse_assignments(assignments)
+    named_preset = preset or file_data.get("preset") or assigned.get("preset")
     if recorded is not None and not named_preset:
         preset_name, base = recorded.get("preset", DEFAULT_PRESET), recorded
     else:
         preset_name = named_preset or DEFAULT_PRESET
         base = _preset_dict(str(preset_name))
     merged = _merge(base, file_data)
+    merged = _merge(merged, _dotted_to_nested(assigned))
     merged = _merge(merged, _dotted_to_nested(overrides or {}))
     merged["preset"] = preset_name
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
-        raise _explain(exc, source) from exc
+        raise _explain(exc, source, {key: f"--set {key}={value!r}" for key, value in assigned.items()}) from exc
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
@@ -252,3 +298,24 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False)
+
+
+def commented_yaml(config: Config) -> str:
+    """The config as YAML with each key's description as a comment above it; read back with
+    ``--config`` it gives the same config."""
+    lines = [f"# socratune config (preset {config.preset}); each key's meaning is in the comment above it"]
+
+    def emit(model: BaseModel, indent: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            for comment in textwrap.wrap(field.description or "", 96 - len(indent)):
+                lines.append(f"{indent}# {comment}")
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{name}:")
+                emit(value, indent + "  ")
+            else:
+                dumped = yaml.safe_dump(value, allow_unicode=True, default_flow_style=True, width=10**6)
+                lines.append(f"{indent}{name}: {dumped.removesuffix(chr(10)).removesuffix('...').strip()}")
+
+    emit(config, "")
+    return "\n".join(lines) + "\n"

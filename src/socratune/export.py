@@ -36,7 +36,7 @@ from .modeling import (
     load_tokenizer,
     resolve_run_model,
 )
-from .rundir import replace_dir_atomic
+from .rundir import replace_dir_atomic, temp_dir, temp_file
 
 
 @dataclass
@@ -101,7 +101,7 @@ def merge_run(resolved: RunModel) -> tuple[Any, list[str]]:
 def save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """Save model and tokenizer into a staging directory beside ``out_dir``, then move it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    staged = temp_dir(out_dir.parent, out_dir.name)
     try:
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
@@ -199,7 +199,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, name: str) -> str:
 
     _add_tokenizer(writer, model, tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, path.name)
     os.close(fd)
     try:
         writer.write_header_to_file(Path(tmp))

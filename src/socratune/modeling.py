@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .rundir import match_umask
 from .tiny import save_tiny
 
 TINY = "tiny"
+ADAPTER_CONFIG = "adapter_config.json"
 log = logging.getLogger("socratune.modeling")
 
 
@@ -75,7 +77,10 @@ def resolve_model_source(name_or_path: str, tiny_dir: Path) -> str:
     if name_or_path == TINY:
         if not (tiny_dir / "config.json").exists():
             save_tiny(tiny_dir)
-        return str(tiny_dir)
+            match_umask(tiny_dir)
+        # Absolute: PEFT records it in adapter_config.json and resolves it against the CWD of
+        # whoever loads the adapter, so a relative path works from one directory only.
+        return str(tiny_dir.resolve())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -252,6 +257,51 @@ def check_saved_adapter(adapter_dir: Path, model, state_dict: dict[str, Any] | N
             raise ModelError(f"{path}: {name} differs from the trained weight")
 
 
+def point_adapters_at_base(run: Any, base: str) -> list[Path]:
+    """Make every adapter of ``run`` (final and checkpoints) name ``base`` as its base model, so
+    that plain PEFT (``AutoPeftModelForCausalLM.from_pretrained(RUN/adapter)``) finds the
+    run's own ``base/`` again after the run directory was moved or copied; returns the adapter
+    directories rewritten.
+
+    PEFT can only record one path, resolved against the loader's working directory, so a run
+    records the absolute path of its base and any socratune command that opens a moved run
+    (``status`` included) re-points it. A checkpoint's manifest is updated with the new file's
+    checksum, but only where it vouched for the old one: a damaged checkpoint stays detectably
+    damaged. A run on a read-only medium is left as it is (socratune finds the base by the run's
+    layout anyway).
+    """
+    import json
+
+    from .rundir import MANIFEST, file_digest, write_json_atomic
+
+    rewritten = []
+    for adapter_dir in [run.adapter_dir, *run.checkpoints()]:
+        config_path = adapter_dir / ADAPTER_CONFIG
+        try:
+            recorded = json.loads(config_path.read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict) or recorded.get("base_model_name_or_path") in (None, base):
+                continue
+            manifest = None
+            if (adapter_dir / MANIFEST).exists():
+                manifest = json.loads((adapter_dir / MANIFEST).read_text(encoding="utf-8"))
+                entry = manifest.get("files", {}).get(ADAPTER_CONFIG)
+                if not entry or entry.get("sha256") != file_digest(config_path):
+                    continue  # not vouched for by its manifest: leave the evidence alone
+            recorded["base_model_name_or_path"] = base
+            write_json_atomic(config_path, recorded)
+            if manifest is not None:
+                manifest["files"][ADAPTER_CONFIG] = {"size": config_path.stat().st_size,
+                                                     "sha256": file_digest(config_path)}
+                write_json_atomic(adapter_dir / MANIFEST, manifest)
+        except (OSError, ValueError, AttributeError) as exc:
+            log.debug("adapter %s not re-pointed at %s: %s", adapter_dir, base, exc)
+            continue
+        rewritten.append(adapter_dir)
+    if rewritten:
+        log.info("the run was moved: its adapters now name %s as their base (for plain PEFT)", base)
+    return rewritten
+
+
 @dataclass(frozen=True)
 class RunModel:
     """Where a run's model comes from: its recorded config, the base to load and the adapter to put on it."""
@@ -280,6 +330,8 @@ def resolve_run_model(run_path: str | Path, checkpoint: str | None = None) -> Ru
         raise ModelError(f"{run.path} is not a run directory (no {CONFIG_YAML})")
     config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
     source = resolve_model_source(config.model.name_or_path, run.base_dir)
+    if config.model.name_or_path == TINY:
+        point_adapters_at_base(run, source)
     adapter_dir = run.adapter_dir
     if checkpoint:
         adapter_dir = Path(checkpoint) if Path(checkpoint).is_dir() else run.checkpoints_dir / checkpoint

@@ -67,10 +67,53 @@ CHECKPOINT_LAYOUTS = {
 }
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only
+    be read by setting it, which would race with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(parent: Path, name: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` beside ``parent/name``, with the mode a plain ``open`` would give
+    (mkstemp's 0600 would survive the rename: nobody else could read a model or a report)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """``tempfile.mkdtemp`` beside ``parent/name``, with the mode ``mkdir`` would give (not 0700)."""
+    staged = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    staged.chmod(0o777 & ~current_umask())
+    return staged
+
+
+def match_umask(tree: Path) -> None:
+    """Give every file and folder under ``tree`` (itself included) the mode the umask gives a new
+    one. safetensors writes its files 0600 whatever the umask, so a saved model, adapter or
+    checkpoint would otherwise be unreadable by the other users or services (a model server)
+    the umask admits."""
+    mask = current_umask()
+    for path in [tree, *tree.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename;
+    the file gets the user's umask, like any other file the user writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -92,11 +135,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def replace_dir_atomic(staged: Path, final: Path) -> None:
-    """Move a fully written directory into place; an existing one is swapped out, then removed.
+    """Move a fully written directory into place, with the user's umask; an existing one is
+    swapped out, then removed.
 
     A crash between the two renames leaves ``.NAME.old`` beside the missing final directory:
     the previous version is never lost.
     """
+    match_umask(staged)
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -124,6 +169,7 @@ def write_manifest(checkpoint: Path, world_size: int = 1) -> None:
     """Record size and checksum of every file of a finished checkpoint; written last, so a
     checkpoint without a valid manifest is one whose writing did not complete. ``world_size``
     is the number of training processes (one RNG state file each)."""
+    match_umask(checkpoint)
     files = {
         str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": file_digest(p)}
         for p in sorted(checkpoint.rglob("*"))

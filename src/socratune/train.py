@@ -50,6 +50,7 @@ from .modeling import (
     load_for_inference,
     resolve_model_source,
 )
+from .progress import ProgressCallback
 from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
 from .rundir import (
     CONFIG_YAML,
@@ -288,6 +289,7 @@ def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]
         BestCheckpointCallback(select, ranks),
         CheckpointCallback(config.train.save_total_limit, ranks, select),
         stop,
+        ProgressCallback(),
     ]
     trainer = build_trainer(config, built.hardware, built.model, job.tokenizer, run.checkpoints_dir,
                             job.train_examples, job.eval_examples, callbacks=callbacks, fresh=job.resume is None)
