@@ -140,7 +140,7 @@ def test_status_of_a_directory_that_is_not_a_run_is_an_error(tmp_path, capsys):
 
 
 def test_validate_takes_set_too(capsys):
-    from socratune.train import bundled_data_path
+    from socratune.examples import bundled_data_path
 
     assert main(["validate", str(bundled_data_path()), "--set", "data.max_seq_len=64"]) == 0
     out = capsys.readouterr().out

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fake_openai import FakeOpenAI, Fault
 
+from fake_openai import FakeOpenAI, Fault
 from socratune.errors import EndpointUnreachable, JudgeFailed
 from socratune.judge import Judge
 from socratune.style import AXES, load_profile

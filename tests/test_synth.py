@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_openai import FakeOpenAI, Fault
 
+from fake_openai import FakeOpenAI, Fault
 from socratune.cli import main
 from socratune.client import ChatClient, split_url
 from socratune.data import load_dialogues

@@ -5,11 +5,10 @@ Callers import from here (``from socratune.style import StyleScorer``); the name
 package's public API. Importing it loads neither torch nor the Sudachi dictionary.
 """
 
+from ..scores import AXES, SCORE_KEYS
 from .profile import (
-    AXES,
     DEFAULT_PROFILE,
     FEATURES,
-    SCORE_KEYS,
     StyleProfile,
     available_profiles,
     load_profile,

@@ -33,7 +33,8 @@ import yaml
 from ..data import jsonl_lines
 from ..errors import ConfigError, DataError
 from ..rundir import write_text_atomic
-from .profile import AXES, FEATURES, Calibration, StyleProfile
+from ..scores import AXES
+from .profile import FEATURES, Calibration, StyleProfile
 from .scorer import StyleScorer, combine
 
 MIN_ROWS = 20  # fewer ratings than this cannot say anything a fold could check

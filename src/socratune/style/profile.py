@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
-from ..scores import AXES  # the keys of every score record (StyleScore.axes()), in one place
+from ..scores import AXES  # the axis names, written once for the whole package
 
 DEFAULT_PROFILE = "socrates"
 

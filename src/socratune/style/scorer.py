@@ -41,10 +41,9 @@ from sudachipy import Dictionary, SplitMode
 from ..data import jsonl_lines
 from ..errors import DataError
 from ..rundir import write_text_atomic
+from ..scores import AXES, SCORE_KEYS
 from .profile import (
-    AXES,
     DEFAULT_PROFILE,
-    SCORE_KEYS,
     Marker,
     StyleProfile,
     load_profile,
