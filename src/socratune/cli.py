@@ -324,6 +324,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, c in stats["tuned_vs_base"].items():
         verdict = "tuned beats base" if c["tuned_beats_base"] else "no significant gain"
         print(f"{key}: {verdict} (Wilcoxon p={c['p_greater']:.3g}, rank-biserial {c['rank_biserial']:+.2f})")
+    for key, c in stats.get("tuned_vs_supervised", {}).items():
+        verdict = "beats supervised" if c["tuned_beats_base"] else "no significant gain over supervised"
+        print(f"{key}: {verdict} (Wilcoxon p={c['p_greater']:.3g}, rank-biserial {c['rank_biserial']:+.2f})")
     for axis, agreement in stats.get("agreement", {}).items():
         rho = agreement["spearman"]
         print(f"judge agreement {axis}: Spearman {'n/a' if rho is None else f'{rho:.2f}'} over {agreement['n']} replies")

@@ -174,8 +174,26 @@ def select_subjects(run: RunDir, checkpoints: str = "all") -> tuple[list[Subject
         else:
             subjects.append(Subject(path.name, "checkpoint", checkpoint_step(path), path))
     summary = run.summary() or {}
+    supervised = supervised_subject(run)
+    if supervised is not None:
+        subjects.append(supervised)
     subjects.append(Subject("tuned", "tuned", summary.get("global_step"), run.adapter_dir))
     return subjects, skipped
+
+
+def supervised_subject(run: RunDir) -> Subject | None:
+    """A preference-tuned run (DPO / ORPO) is compared with the supervised run it continued
+    (``prefs.from_run``) as well as with the base; None for a supervised run."""
+    from .resume import read_recorded_config
+
+    prefs = (read_recorded_config(run) or {}).get("prefs") or {}
+    if not prefs.get("from_run"):
+        return None
+    source = RunDir(prefs["from_run"])
+    if not (source.adapter_dir / "adapter_config.json").exists():
+        raise RunDirError(f"{run.path} continued the supervised run {source.path}, whose final adapter is gone; "
+                          "restore it to compare, or evaluate the supervised run on its own")
+    return Subject("supervised", "supervised", (source.summary() or {}).get("global_step"), source.adapter_dir)
 
 
 # --- generation -------------------------------------------------------------------------------
@@ -330,6 +348,18 @@ def _unit_values(records: list[dict], model: str, key: str, source: str) -> dict
     return {pid: sum(v) / len(v) for pid, v in by_prompt.items()}
 
 
+def compare_subjects(records: list[dict], tuned: str, other: str) -> dict[str, Any]:
+    """Per key, ``tuned`` vs ``other`` on their shared dialogues: means and the paired test
+    (``base_mean`` holds ``other``'s mean, as in tuned vs base)."""
+    comparison = {}
+    for key in KEYS:
+        mine, theirs = _unit_values(records, tuned, key, "scores"), _unit_values(records, other, key, "scores")
+        shared = sorted(mine.keys() & theirs.keys())
+        comparison[key] = {"base_mean": _mean([theirs[p] for p in shared]), "tuned_mean": _mean([mine[p] for p in shared]),
+                           **paired_comparison([mine[p] for p in shared], [theirs[p] for p in shared])}
+    return comparison
+
+
 def compute_statistics(records: list[dict], subjects: list[Subject], seed: int, judged: bool) -> dict[str, Any]:
     """Every aggregate number of the report, from the per-reply records."""
     names = [s.name for s in subjects]
@@ -345,6 +375,8 @@ def compute_statistics(records: list[dict], subjects: list[Subject], seed: int, 
         comparison[key] = {"base_mean": _mean([base[p] for p in shared]), "tuned_mean": _mean([tuned[p] for p in shared]),
                            **paired_comparison([tuned[p] for p in shared], [base[p] for p in shared])}
     stats: dict[str, Any] = {"summary": summary, "by_turn": by_turn, "tuned_vs_base": comparison}
+    if "supervised" in names:
+        stats["tuned_vs_supervised"] = compare_subjects(records, "tuned", "supervised")
     if judged:
         stats["judge_summary"] = {
             m: {a: {**describe(list(_unit_values(records, m, a, "judge").values()), seed),
@@ -395,7 +427,7 @@ def _plot(records: list[dict], subjects: list[Subject], stats: dict[str, Any], f
     # Base (step 0) and the checkpoints form the line; the final adapter is a star at its step,
     # which is often the last checkpoint's (the same weights, or the best ones when kept).
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    line = [s for s in subjects if s.kind != "tuned"]
+    line = [s for s in subjects if s.kind not in ("tuned", "supervised")]  # supervised: another run's steps
     steps = [s.step or 0 for s in line]
     tuned_step = subjects[-1].step if subjects[-1].step is not None else steps[-1] + 1
     for key in KEYS:
@@ -483,6 +515,14 @@ def render_report(data: dict[str, Any]) -> str:
              "**yes**" if c["tuned_beats_base"] else "no"] for k, c in stats["tuned_vs_base"].items()]
     lines += _table(["axis", "base", "tuned", "difference", "W", "p (tuned > base)", "rank-biserial",
                      "tuned beats base"], rows)
+    if "tuned_vs_supervised" in stats:
+        lines += ["## Preference-tuned vs supervised", "",
+                  "The same paired test, the supervised run this one continued in place of the base.", ""]
+        rows = [[k, _num(c["base_mean"]), _num(c["tuned_mean"]), _num(c["mean_difference"], 3),
+                 _num(c["statistic"], 1), f"{c['p_greater']:.3g}", _num(c["rank_biserial"]),
+                 "**yes**" if c["tuned_beats_base"] else "no"] for k, c in stats["tuned_vs_supervised"].items()]
+        lines += _table(["axis", "supervised", "tuned", "difference", "W", "p (tuned > supervised)",
+                         "rank-biserial", "tuned beats supervised"], rows)
     lines += ["## Mean scores per model", ""]
     rows = [[n] + [f"{_num(stats['summary'][n][k]['mean'])} [{_num(stats['summary'][n][k]['ci_low'])}, "
                    f"{_num(stats['summary'][n][k]['ci_high'])}]" for k in KEYS] for n in names]
