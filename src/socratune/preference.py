@@ -125,7 +125,10 @@ def sequence_logps(logits: Any, labels: Any) -> tuple[Any, Any]:
 
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    shifted = logits[:, :-1]
+    if shifted.dtype in (torch.float16, torch.bfloat16):  # log-softmax over a large vocabulary needs float32
+        shifted = shifted.float()
+    logp = torch.log_softmax(shifted, dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1), mask.sum(-1)
 
