@@ -188,7 +188,7 @@ def test_reply_labels_cover_only_the_final_reply(tiny_tokenizer):
 
     prompt = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "前の答え"},
               {"role": "user", "content": "c"}]
-    ids, labels = encode_reply(tiny_tokenizer, prompt, "最後の答え", fold_system=False)
+    _ids, labels = encode_reply(tiny_tokenizer, prompt, "最後の答え", fold_system=False)
     trained = tiny_tokenizer.decode([t for t in labels if t != -100])
     assert "最後の答え" in trained.replace(" ", "") and "前の答え" not in trained.replace(" ", "")
 
@@ -288,13 +288,13 @@ def test_dpo_run_has_metrics_plots_summary_and_a_plain_peft_adapter(dpo_run, def
 def test_reference_logps_are_the_supervised_policys_and_training_leaves_them(dpo_run, default_run):
     """The stored reference equals the supervised adapter's log-probs recomputed now, and differs
     from the trained policy's: training moved the policy, not the reference."""
+    import yaml
+
     from socratune.config import config_from_dict
     from socratune.preference import encode_pairs, load_policy, reference_logps
     from socratune.prefs import read_pairs
     from socratune.rundir import RunDir
     from socratune.train import load_tokenizer_for
-
-    import yaml
 
     run = RunDir(dpo_run)
     config = config_from_dict(yaml.safe_load((dpo_run / "config.yaml").read_text(encoding="utf-8")), "config")
