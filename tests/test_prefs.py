@@ -345,3 +345,16 @@ def test_evaluate_adds_the_supervised_run_as_a_subject(dpo_run, default_run):
     subjects, _ = select_subjects(RunDir(dpo_run), "none")
     assert [s.name for s in subjects] == ["base", "supervised", "tuned"]
     assert subjects[1].adapter.resolve() == RunDir(default_run).adapter_dir.resolve()
+
+
+def test_runs_recorded_before_the_preference_keys_existed_still_continue():
+    """A run recorded without ``train.method`` and ``prefs`` is not "changed" by their defaults."""
+    from socratune.config import load_config
+    from socratune.resume import config_changes
+
+    current = load_config().to_dict()
+    recorded = json.loads(json.dumps(current))
+    del recorded["train"]["method"], recorded["prefs"]
+    assert config_changes(recorded, current) == ([], [])
+    current["train"]["method"] = "dpo"
+    assert config_changes(recorded, current)[0] == ["train.method: None -> 'dpo'"]
