@@ -85,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"eval loss {s['eval_loss_initial']} -> {s['eval_loss_final']}; "
               f"style score {s['style_score_initial']} -> {s['style_score_final']} (0-4)")
+        if s.get("method") in ("dpo", "orpo"):
+            print(f"{s['method']}: eval reward margin {s.get('reward_margin_final')}, "
+                  f"reward accuracy {s.get('reward_accuracy_final')} (chosen above rejected)")
         if result.sample_prompt is not None:
             print(f"sample reply to 「{result.sample_prompt}」: {result.sample_reply}")
     print(f"Model saved in {result.run_dir / 'adapter'}. Talk to it: socratune chat {_quote(run)}")
