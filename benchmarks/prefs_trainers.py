@@ -1,5 +1,5 @@
 """DPO in socratune's Trainer (reference log-probs precomputed once) vs TRL's ``DPOTrainer``
-(reference = the supervised adapter loaded a second time as TRL's frozen ``ref`` adapter), on
+(reference = the supervised adapter, which TRL copies into a second, frozen ``ref`` adapter), on
 the tiny model: tokens/s, peak memory, and the result (DPO loss and reward accuracy of the
 trained policy on all pairs, both measured by the same code against the same reference).
 
@@ -96,8 +96,7 @@ def run_trl(sft_run: str, pairs_path: str, steps: int) -> dict:
 
     resolved, tokenizer, pairs, features, model = _setup(sft_run, pairs_path)
     reference = reference_logps(model, features, tokenizer.pad_token_id, 16)  # for judging only, not used in training
-    model.load_adapter(str(resolved.adapter_dir), adapter_name="ref", is_trainable=False)
-    model.set_adapter("default")
+    # TRL 1.16 copies the trained adapter into a frozen "ref" adapter itself: the supervised policy.
     kept = {f["line"] for f in features}
     rows = [{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs if p.line in kept]
