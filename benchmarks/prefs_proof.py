@@ -1,7 +1,7 @@
 """The preference-tuning proof on the tiny model and the bundled sample (numbers: benchmarks/RESULTS.md).
 
     socratune train --output /tmp/p/sft                                   # the supervised run (tiny preset)
-    socratune prefs /tmp/p/sft --output /tmp/p/pairs.jsonl --samples 4    # pairs from its training prompts
+    socratune prefs /tmp/p/sft --output /tmp/p/pairs.jsonl               # 6 samples, T 0.7, 128 tokens
     socratune train --config benchmarks/prefs_proof.yaml --method dpo --pairs /tmp/p/pairs.jsonl \\
         --from /tmp/p/sft --output /tmp/p/dpo
     socratune evaluate /tmp/p/dpo --checkpoints none                      # base, supervised, dpo on 40 held-out prompts

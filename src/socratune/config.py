@@ -121,10 +121,10 @@ class PrefsSection(Section):
                         "of the odds-ratio term beside the chosen reply's NLL")
     eval_frac: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts whose pairs are held out for eval")
     split_seed: int = Field(42, description="seed of the train / eval split of the pairs (by prompt)")
-    samples: int = Field(4, ge=2, description="socratune prefs: replies sampled per prompt")
-    temperature: float = Field(1.0, gt=0, description="socratune prefs: sampling temperature")
+    samples: int = Field(6, ge=2, description="socratune prefs: replies sampled per prompt")
+    temperature: float = Field(0.7, gt=0, description="socratune prefs: sampling temperature (0.7 beat 1.0 in benchmarks/RESULTS.md: replies nearer the greedy ones the model is used with)")
     top_p: float = Field(0.95, gt=0, le=1, description="socratune prefs: nucleus sampling mass")
-    max_new_tokens: int = Field(80, gt=0, description="socratune prefs: bound on each sampled reply")
+    max_new_tokens: int = Field(128, gt=0, description="socratune prefs: bound on each sampled reply (128 = evaluate's default, so pairs cover the lengths evaluation sees)")
     min_margin: float = Field(0.25, ge=0, description="socratune prefs: pairs whose ranking scores differ by less "
                               "are dropped (scores are 0-4)")
     weights: dict[Literal["tone", "approach", "format", "logic"], float] | None = Field(
