@@ -358,3 +358,15 @@ def test_runs_recorded_before_the_preference_keys_existed_still_continue():
     assert config_changes(recorded, current) == ([], [])
     current["train"]["method"] = "dpo"
     assert config_changes(recorded, current)[0] == ["train.method: None -> 'dpo'"]
+
+
+@pytest.mark.slow
+def test_orpo_run_needs_no_reference_and_finishes(default_run, pairs_file, dpo_inputs, tmp_path):
+    run = tmp_path / "orpo"
+    args = dpo_args(default_run, pairs_file, dpo_inputs, run)
+    args[args.index("dpo")] = "orpo"
+    assert main(args) == 0
+    summary = json.loads((run / "training_summary.json").read_text(encoding="utf-8"))
+    assert summary["finished"] and summary["method"] == "orpo"
+    assert not (run / "reference_logps.json").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
