@@ -62,7 +62,7 @@ def _judge(model, features, reference, pad) -> dict:
 def run_own(sft_run: str, pairs_path: str, steps: int) -> dict:
     from transformers import TrainingArguments
 
-    from socratune.preference import PairCollator, _trainer_class, reference_logps
+    from socratune.preference import PairCollator, PreferenceTrainer, reference_logps
 
     _resolved, tokenizer, _pairs, features, model = _setup(sft_run, pairs_path)
     started = time.perf_counter()
@@ -75,9 +75,8 @@ def run_own(sft_run: str, pairs_path: str, steps: int) -> dict:
                                  lr_scheduler_type="constant", logging_steps=steps, save_strategy="no", report_to="none",
                                  use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0,
                                  train_sampling_strategy="random", include_num_input_tokens_seen="non_padding")
-        trainer = _trainer_class()(model=model, args=args, data_collator=PairCollator(tokenizer.pad_token_id),
-                                   train_dataset=features, processing_class=tokenizer)
-        trainer.beta = BETA
+        trainer = PreferenceTrainer(model=model, args=args, data_collator=PairCollator(tokenizer.pad_token_id),
+                                   train_dataset=features, processing_class=tokenizer, beta=BETA)
         started = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - started

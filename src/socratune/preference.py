@@ -57,6 +57,7 @@ from .rundir import (
     write_text_atomic,
 )
 from .template import IGNORE_INDEX, bot_spans, chat_messages, supports_system_role
+from .trainer import EpochSeededLengthSampler, SocratuneTrainer
 
 logger = logging.getLogger("socratune")
 REFERENCE_LOGPS = "reference_logps.json"
@@ -158,74 +159,67 @@ def orpo_loss(chosen_sum: Any, chosen_count: Any, rejected_sum: Any, rejected_co
     return nll - beta * F.logsigmoid(log_odds), beta * chosen_mean, beta * rejected_mean
 
 
-def _trainer_class() -> type:
-    from .trainer import EpochSeededLengthSampler, SocratuneTrainer
+class PreferenceTrainer(SocratuneTrainer):
+    """DPO / ORPO loss in socratune's Trainer; reward metrics averaged per log / evaluation."""
 
-    class PreferenceTrainer(SocratuneTrainer):
-        """DPO / ORPO loss in socratune's Trainer; reward metrics averaged per log / evaluation."""
+    def __init__(self, *args: Any, method: str = "dpo", beta: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method, self.beta = method, beta
+        self.loss_is_scaled_for_ga = False  # the loss is a mean over pairs: divide by accumulation steps
+        self._stored: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
-        method = "dpo"
-        beta = 0.1
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        sums, counts = sequence_logps(logits, inputs["reply_labels"])
+        half = sums.shape[0] // 2
+        if self.method == "dpo":
+            reference = inputs["reference_logps"].to(sums.device)
+            losses, chosen, rejected = dpo_loss(sums[:half], sums[half:], reference[:, 0], reference[:, 1], self.beta)
+        else:
+            losses, chosen, rejected = orpo_loss(sums[:half], counts[:half], sums[half:], counts[half:], self.beta)
+        self._store("train" if model.training else "eval", chosen, rejected, sums[:half], sums[half:])
+        loss = losses.mean()
+        return (loss, {"logits": logits}) if return_outputs else loss
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.loss_is_scaled_for_ga = False  # the loss is a mean over pairs: divide by accumulation steps
-            self._stored: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+    def _store(self, split: str, chosen: Any, rejected: Any, logps_chosen: Any, logps_rejected: Any) -> None:
+        values = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": chosen - rejected,
+                  "reward_accuracy": (chosen > rejected).float(), "logps_chosen": logps_chosen,
+                  "logps_rejected": logps_rejected}
+        for key, tensor in values.items():
+            self._stored[split].setdefault(key, []).extend(tensor.detach().float().cpu().tolist())
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            sums, counts = sequence_logps(logits, inputs["reply_labels"])
-            half = sums.shape[0] // 2
-            if self.method == "dpo":
-                reference = inputs["reference_logps"].to(sums.device)
-                losses, chosen, rejected = dpo_loss(sums[:half], sums[half:], reference[:, 0], reference[:, 1], self.beta)
-            else:
-                losses, chosen, rejected = orpo_loss(sums[:half], counts[:half], sums[half:], counts[half:], self.beta)
-            self._store("train" if model.training else "eval", chosen, rejected, sums[:half], sums[half:])
-            loss = losses.mean()
-            return (loss, {"logits": logits}) if return_outputs else loss
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
+        import torch
 
-        def _store(self, split: str, chosen: Any, rejected: Any, logps_chosen: Any, logps_rejected: Any) -> None:
-            values = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": chosen - rejected,
-                      "reward_accuracy": (chosen > rejected).float(), "logps_chosen": logps_chosen,
-                      "logps_rejected": logps_rejected}
-            for key, tensor in values.items():
-                self._stored[split].setdefault(key, []).extend(tensor.detach().float().cpu().tolist())
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
-        def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
-                            ignore_keys: list[str] | None = None) -> tuple[Any, None, None]:
-            import torch
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # In place: the Trainer hands this same dict to the callbacks' on_evaluate.
+        split = "eval" if "eval_loss" in logs else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._stored[split].items():
+            if values:
+                logs[f"{prefix}{key}"] = round(sum(values) / len(values), 6)
+        self._stored[split] = {}
+        super().log(logs, *args, **kwargs)
 
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        lengths = [max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in dataset]
+        return EpochSeededLengthSampler(global_batch, lengths, self.args.data_seed)
 
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            # In place: the Trainer hands this same dict to the callbacks' on_evaluate.
-            split = "eval" if "eval_loss" in logs else "train"
-            prefix = "eval_" if split == "eval" else ""
-            for key, values in self._stored[split].items():
-                if values:
-                    logs[f"{prefix}{key}"] = round(sum(values) / len(values), 6)
-            self._stored[split] = {}
-            super().log(logs, *args, **kwargs)
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        from torch.utils.data import SequentialSampler
 
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            if self.args.train_sampling_strategy != "group_by_length":
-                return super()._get_train_sampler(train_dataset)
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            lengths = [max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in dataset]
-            return EpochSeededLengthSampler(global_batch, lengths, self.args.data_seed)
-
-        def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-            from torch.utils.data import SequentialSampler
-
-            return SequentialSampler(eval_dataset)  # order does not change an evaluation's means
-
-    return PreferenceTrainer
+        return SequentialSampler(eval_dataset)  # order does not change an evaluation's means
 
 
 # --- the reference policy's log-probs -------------------------------------------------------------
@@ -459,12 +453,11 @@ def _fit_preferences(config: Config, run: RunDir, source_run: RunDir, tokenizer:
     if not eval_features:
         args.eval_strategy = "no"
         args.eval_on_start = False
-    trainer_class = _trainer_class()
-    trainer = trainer_class(model=model, args=args, data_collator=PairCollator(tokenizer.pad_token_id),
+    trainer = PreferenceTrainer(model=model, args=args, data_collator=PairCollator(tokenizer.pad_token_id),
                             train_dataset=train_features, eval_dataset=eval_features or None,
                             processing_class=tokenizer,
-                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit), stop])
-    trainer.method, trainer.beta = config.train.method, config.prefs.beta
+                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit), stop],
+                            method=config.train.method, beta=config.prefs.beta)
     trainer.remove_callback(PrinterCallback)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
