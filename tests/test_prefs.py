@@ -370,3 +370,34 @@ def test_orpo_run_needs_no_reference_and_finishes(default_run, pairs_file, dpo_i
     assert summary["finished"] and summary["method"] == "orpo"
     assert not (run / "reference_logps.json").exists()
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_judge_ranks_pairs_and_replies_it_could_not_score_are_left_out(default_model):
+    """``--judge``: the judge's per-axis ratings rank the replies instead of the scorer's."""
+    from socratune.generate import GenParams
+    from socratune.judge import Verdict
+    from socratune.prefs import make_pairs
+
+    class LengthJudge:  # rates longer replies higher; gives up on the first reply of each prompt
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def rate_many(self, items):
+            verdicts = []
+            for index, (reply, _user) in enumerate(items):
+                value = None if index % 3 == 0 else len(reply) / 100
+                verdicts.append(Verdict({a: value for a in ("tone", "approach", "format", "logic")}))
+            self.calls += 1
+            return verdicts
+
+    model, tokenizer = default_model
+    prompts = [[{"role": "user", "content": "正義とは何か？"}], [{"role": "user", "content": "勇気とは？"}]]
+    judge = LengthJudge()
+    result = make_pairs(model, tokenizer, prompts, samples=3, params=GenParams(max_new_tokens=24, temperature=1.0),
+                        seed=0, weights={"tone": 1, "approach": 1, "format": 1, "logic": 1}, min_margin=0.0,
+                        judge=judge)
+    assert judge.calls == 1 and result.replies == 6
+    for pair in result.pairs:
+        assert len(pair["chosen"]) >= len(pair["rejected"])
+        assert pair["scores"]["chosen"]["tone"] is not None and pair["scores"]["rejected"]["tone"] is not None
