@@ -401,3 +401,13 @@ def test_judge_ranks_pairs_and_replies_it_could_not_score_are_left_out(default_m
     for pair in result.pairs:
         assert len(pair["chosen"]) >= len(pair["rejected"])
         assert pair["scores"]["chosen"]["tone"] is not None and pair["scores"]["rejected"]["tone"] is not None
+
+
+def test_pair_making_settings_do_not_guard_a_preference_run():
+    from socratune.config import load_config
+    from socratune.resume import config_changes
+
+    recorded = load_config(overrides={"train.method": "dpo"}).to_dict()
+    current = load_config(overrides={"train.method": "dpo", "prefs.samples": 9, "prefs.beta": 0.5}).to_dict()
+    guarded, harmless = config_changes(recorded, current)
+    assert guarded == ["prefs.beta: 0.1 -> 0.5"] and harmless == ["prefs.samples: 6 -> 9"]

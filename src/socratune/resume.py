@@ -57,6 +57,13 @@ HARMLESS_KEYS = frozenset({
     "style.profile",
     "style.eval_samples",
     "style.max_new_tokens",
+    # settings of `socratune prefs` (making pairs), not of training on them
+    "prefs.samples",
+    "prefs.temperature",
+    "prefs.top_p",
+    "prefs.max_new_tokens",
+    "prefs.min_margin",
+    "prefs.weights",
 })
 DATA_KEY = "data content"
 WORLD_KEY = "training processes (world size)"
