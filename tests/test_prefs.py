@@ -411,3 +411,9 @@ def test_pair_making_settings_do_not_guard_a_preference_run():
     current = load_config(overrides={"train.method": "dpo", "prefs.samples": 9, "prefs.beta": 0.5}).to_dict()
     guarded, harmless = config_changes(recorded, current)
     assert guarded == ["prefs.beta: 0.1 -> 0.5"] and harmless == ["prefs.samples: 6 -> 9"]
+
+
+def test_pairs_without_a_preference_method_are_refused(tmp_path, capsys):
+    assert main(["train", "--pairs", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "run")]) == 2
+    assert "--method dpo or orpo" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -66,6 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.delete_old and not args.overwrite:
         raise ConfigError("--delete-old only goes with --overwrite (it deletes the run that --overwrite moves aside)")
     config = _config_from_args(args, continue_run=not args.overwrite)
+    if config.train.method == "sft" and (args.pairs or args.from_run):
+        raise ConfigError("--pairs and --from go with --method dpo or orpo (train.method); a supervised run "
+                          "trains on --data", key="train.method", allowed=["dpo", "orpo"])
     try:
         result = train(config, resume_from=args.resume_from, show_example_first=args.show_example,
                        overwrite=args.overwrite, delete_old=args.delete_old,
