@@ -45,6 +45,7 @@ def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
         overrides["run.output_dir"] = args.output
     if getattr(args, "epochs", None) is not None:
         overrides["train.epochs"] = args.epochs
+    overrides.update(_preference_overrides(args))
     assignments = getattr(args, "set", None)
     config = load_config(args.config, args.preset, overrides, assignments=assignments)
     if continue_run:
@@ -52,6 +53,8 @@ def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
         from .rundir import RunDir
 
         recorded = read_recorded_config(RunDir(config.run.output_dir))
+        if recorded is None and config.prefs.from_run:  # a new preference run starts from its supervised run's settings
+            recorded = read_recorded_config(RunDir(config.prefs.from_run))
         if recorded is not None:
             config = load_config(args.config, args.preset, overrides, recorded=recorded, assignments=assignments)
     return config
@@ -68,6 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.delete_old and not args.overwrite:
         raise ConfigError("--delete-old only goes with --overwrite (it deletes the run that --overwrite moves aside)")
     config = _config_from_args(args, continue_run=not args.overwrite)
+    if config.train.method == "sft" and (args.pairs or args.from_run):
+        raise ConfigError("--pairs and --from go with --method dpo or orpo (train.method); a supervised run "
+                          "trains on --data", key="train.method", allowed=["dpo", "orpo"])
     try:
         result = train(config, resume_from=args.resume_from, show_example_first=args.show_example,
                        overwrite=args.overwrite, delete_old=args.delete_old,
@@ -89,9 +95,73 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"style score {s['style_score_initial']} -> {s['style_score_final']} (0-4)")
         for line in describe_selection(s):
             print(line)
+        if s.get("method") in ("dpo", "orpo"):
+            print(f"{s['method']}: eval reward margin {s.get('reward_margin_final')}, "
+                  f"reward accuracy {s.get('reward_accuracy_final')} (chosen above rejected)")
         if result.sample_prompt is not None:
             print(f"sample reply to 「{result.sample_prompt}」: {result.sample_reply}")
     print(f"Model saved in {result.run_dir / 'adapter'}. Talk to it: socratune chat {_quote(run)}")
+    return 0
+
+
+def _preference_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``train --method / --pairs / --from``: dotted config keys (paths made absolute, so the run resumes anywhere)."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "method", None):
+        overrides["train.method"] = args.method
+    if getattr(args, "pairs", None):
+        overrides["prefs.pairs"] = str(Path(args.pairs).resolve())
+    if getattr(args, "from_run", None):
+        overrides["prefs.from_run"] = str(Path(args.from_run).resolve())
+    return overrides
+
+
+def cmd_prefs(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import DataError
+    from .generate import GenParams, read_prompts
+    from .modeling import load_for_inference, resolve_run_model
+    from .prefs import make_pairs, ranking_weights, training_prompts
+    from .rundir import write_text_atomic
+    from .style import StyleScorer, load_profile
+
+    recorded = resolve_run_model(args.run_dir).config  # ModelError when RUN is not a run directory
+    prefs = recorded.prefs
+    samples = args.samples if args.samples is not None else prefs.samples
+    if samples < 2:
+        raise ConfigError(f"--samples must be at least 2 (a pair needs two replies), not {samples}")
+    if bool(args.judge) != bool(args.judge_model):
+        raise ConfigError("--judge URL and --judge-model NAME go together")
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise ConfigError(f"{output} exists; choose another --output or add --force to replace it")
+    prompts = ([i.messages for i in read_prompts(args.prompts)] if args.prompts
+               else training_prompts(args.run_dir))
+    if args.limit:
+        prompts = prompts[: args.limit]
+    profile = load_profile(args.profile or recorded.style.profile)
+    weights = ranking_weights(prefs.weights, profile)
+    params = GenParams(max_new_tokens=args.max_new_tokens or prefs.max_new_tokens,
+                       temperature=args.temperature if args.temperature is not None else prefs.temperature,
+                       top_p=args.top_p if args.top_p is not None else prefs.top_p)
+    judge = None
+    if args.judge:
+        from .judge import Judge
+
+        judge = Judge(args.judge, args.judge_model, profile)
+    model, tokenizer = load_for_inference(args.run_dir)
+    result = make_pairs(model, tokenizer, prompts, samples=samples, params=params, seed=args.seed, weights=weights,
+                        min_margin=args.min_margin if args.min_margin is not None else prefs.min_margin,
+                        scorer=StyleScorer(profile), judge=judge, batch_size=args.batch_size)
+    if not result.pairs:
+        raise DataError(f"no pair reached the margin among {result.prompts} prompts; lower --min-margin or "
+                        "raise --samples")
+    write_text_atomic(output, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.pairs))
+    print(f"{len(result.pairs)} pairs from {result.prompts} prompts x {samples} replies written to {output} "
+          f"({result.dropped_below_margin} prompts below the margin dropped; ranking weights {result.weights})")
+    print(f"Train on them: socratune train --method dpo --pairs {_quote(str(output))} --from {_quote(args.run_dir)} "
+          "--output RUN2")
     return 0
 
 
@@ -399,6 +469,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for key, c in stats["tuned_vs_base"].items():
         verdict = "tuned beats base" if c["tuned_beats_base"] else "no significant gain"
         print(f"{key}: {verdict} (Wilcoxon p={c['p_greater']:.3g}, rank-biserial {c['rank_biserial']:+.2f})")
+    for key, c in stats.get("tuned_vs_supervised", {}).items():
+        verdict = "beats supervised" if c["tuned_beats_base"] else "no significant gain over supervised"
+        print(f"{key}: {verdict} (Wilcoxon p={c['p_greater']:.3g}, rank-biserial {c['rank_biserial']:+.2f})")
     for axis, agreement in stats.get("agreement", {}).items():
         rho = agreement["spearman"]
         shown = "n/a" if rho is None else f"{rho:.2f}"
@@ -510,7 +583,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-old", action="store_true", help="with --overwrite: delete the moved-aside run at the end")
     p.add_argument("--allow-config-change", action="store_true",
                    help="continue a run although data, model, LoRA, quantization or sequence settings changed")
+    p.add_argument("--method", choices=["sft", "dpo", "orpo"], help="sft (default): supervised on dialogues; "
+                   "dpo / orpo: preference tuning on --pairs, from the supervised run --from (docs/prefs.md)")
+    p.add_argument("--pairs", help="preference pairs JSONL written by socratune prefs (prefs.pairs)")
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="supervised run whose adapter preference tuning continues (prefs.from_run)")
     p.set_defaults(handler=cmd_train)
+
+    p = command("prefs", "preference pairs from a run's own sampled replies, ranked by the style scorer or a judge",
+                "Samples several replies per training prompt, scores them and writes the best and worst as a\n"
+                "chosen / rejected pair (docs/prefs.md); then train with --method dpo|orpo --pairs.",
+                "socratune prefs runs/tiny --output pairs.jsonl --samples 6")
+    p.add_argument("run_dir", help="the supervised run directory whose model answers")
+    p.add_argument("--output", required=True, help="pairs JSONL to write")
+    p.add_argument("--prompts", help="JSONL prompts (as for generate --input); default: the run's training split")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--samples", type=int, help="replies sampled per prompt (default prefs.samples)")
+    p.add_argument("--temperature", type=float, help="default prefs.temperature")
+    p.add_argument("--top-p", type=float, help="default prefs.top_p")
+    p.add_argument("--max-new-tokens", type=int, help="default prefs.max_new_tokens")
+    p.add_argument("--min-margin", type=float, help="drop pairs ranked closer than this (0-4; default prefs.min_margin)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--profile", help="style profile (default: the run's style.profile)")
+    p.add_argument("--judge", metavar="URL", help="rank by an OpenAI-compatible judge instead of the scorer")
+    p.add_argument("--judge-model", metavar="NAME", help="model name the judge server should use")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.set_defaults(handler=cmd_prefs)
 
     p = command("validate", "check a dialogue file without training",
                 "Templates and tokenizes every dialogue as training would, and reports what would be\n"
@@ -678,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         from .quiet import silence_harmless_messages
 
         silence_harmless_messages()
-    if args.command in ("train", "generate", "validate", "chat", "export", "serve", "evaluate"):
+    if args.command in ("train", "generate", "validate", "chat", "export", "serve", "evaluate", "prefs"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log

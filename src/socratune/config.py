@@ -112,12 +112,36 @@ class TrainSection(Section):
         "(default: the least noisy signal), the highest style score (noisy: few generated replies), or the last step",
     )
     seed: int = Field(42, description="seed of adapter initialisation, batch order and dropout")
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: supervised on dialogues; dpo / orpo: preference tuning on the pairs in prefs.pairs, "
+        "continuing from the supervised run prefs.from_run (see docs/prefs.md)",
+    )
 
 
 class StyleSection(Section):
     profile: str = Field("socrates", description="shipped profile name or a YAML path")
     eval_samples: int = Field(8, ge=0, description="eval prompts answered and scored at each evaluation")
     max_new_tokens: int = Field(48, gt=0, description="bound on each generated reply during training")
+
+
+class PrefsSection(Section):
+    """Preference tuning: making pairs (``socratune prefs``) and training on them (``train --method dpo|orpo``)."""
+
+    pairs: str | None = Field(None, description="JSONL pairs file written by socratune prefs; needed by dpo / orpo")
+    from_run: str | None = Field(None, description="the supervised run whose final adapter preference tuning starts "
+                                 "from (and, for dpo, the reference policy)")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the KL anchor to the reference; orpo: weight "
+                        "of the odds-ratio term beside the chosen reply's NLL")
+    eval_frac: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts whose pairs are held out for eval")
+    split_seed: int = Field(42, description="seed of the train / eval split of the pairs (by prompt)")
+    samples: int = Field(6, ge=2, description="socratune prefs: replies sampled per prompt")
+    temperature: float = Field(0.7, gt=0, description="socratune prefs: sampling temperature (0.7 beat 1.0 in benchmarks/RESULTS.md: replies nearer the greedy ones the model is used with)")
+    top_p: float = Field(0.95, gt=0, le=1, description="socratune prefs: nucleus sampling mass")
+    max_new_tokens: int = Field(128, gt=0, description="socratune prefs: bound on each sampled reply (128 = evaluate's default, so pairs cover the lengths evaluation sees)")
+    min_margin: float = Field(0.25, ge=0, description="socratune prefs: pairs whose ranking scores differ by less "
+                              "are dropped (scores are 0-4)")
+    weights: dict[Literal["tone", "approach", "format", "logic"], float] | None = Field(
+        None, description="socratune prefs: ranking weight per style axis; None = the profile's overall_weights")
 
 
 class RunSection(Section):
@@ -132,6 +156,7 @@ class Config(Section):
     data: DataSection = Field(default_factory=DataSection, description="the dialogues, their templating and the train/eval split")
     train: TrainSection = Field(default_factory=TrainSection, description="optimizer, schedule, batches, evaluation and checkpoint cadence")
     style: StyleSection = Field(default_factory=StyleSection, description="the Socratic style monitor run at each evaluation")
+    prefs: PrefsSection = Field(default_factory=PrefsSection, description="preference pairs and DPO / ORPO training (train.method)")
     run: RunSection = Field(default_factory=RunSection, description="where the run lives")
 
     def to_dict(self) -> dict[str, Any]:

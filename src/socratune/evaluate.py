@@ -142,7 +142,7 @@ class Subject:
     """One model under evaluation: the base, a checkpoint or the final adapter."""
 
     name: str
-    kind: str  # "base", "checkpoint" or "tuned"
+    kind: str  # "base", "checkpoint", "supervised" (the run a preference run continued) or "tuned"
     step: int | None
     adapter: Path | None
     aliases: tuple[str, ...] = ()  # other models with exactly these weights (not evaluated again)
@@ -234,8 +234,26 @@ def select_subjects(run: RunDir, checkpoints: str = "all") -> tuple[list[Subject
             subjects.append(Subject(path.name, "checkpoint", checkpoint_step(path), path))
     summary = run.summary() or {}
     selected_step = (summary.get("selected") or {}).get("step", summary.get("global_step"))
+    supervised = supervised_subject(run)
+    if supervised is not None:
+        subjects.append(supervised)
     subjects.append(Subject("tuned", "tuned", selected_step, run.adapter_dir))
     return merge_identical(subjects), skipped
+
+
+def supervised_subject(run: RunDir) -> Subject | None:
+    """A preference-tuned run (DPO / ORPO) is compared with the supervised run it continued
+    (``prefs.from_run``) as well as with the base; None for a supervised run."""
+    from .resume import read_recorded_config
+
+    prefs = (read_recorded_config(run) or {}).get("prefs") or {}
+    if not prefs.get("from_run"):
+        return None
+    source = RunDir(prefs["from_run"])
+    if not (source.adapter_dir / "adapter_config.json").exists():
+        raise RunDirError(f"{run.path} continued the supervised run {source.path}, whose final adapter is gone; "
+                          "restore it to compare, or evaluate the supervised run on its own")
+    return Subject("supervised", "supervised", (source.summary() or {}).get("global_step"), source.adapter_dir)
 
 
 # --- generation -------------------------------------------------------------------------------

@@ -110,6 +110,19 @@ def _unit_values(records: list[dict], model: str, key: str, source: str) -> dict
     return {pid: sum(v) / len(v) for pid, v in by_prompt.items()}
 
 
+def compare_models(records: list[dict], tuned: str, other: str) -> dict[str, Any]:
+    """Per score key, ``tuned`` vs ``other`` on their shared dialogues: both means and the paired
+    test (``base_mean`` holds ``other``'s mean, so every comparison has the shape of tuned vs base)."""
+    comparison = {}
+    for key in SCORE_KEYS:
+        mine, theirs = _unit_values(records, tuned, key, "scores"), _unit_values(records, other, key, "scores")
+        shared = sorted(mine.keys() & theirs.keys())
+        comparison[key] = {"base_mean": _mean([theirs[p] for p in shared]),
+                           "tuned_mean": _mean([mine[p] for p in shared]),
+                           **paired_comparison([mine[p] for p in shared], [theirs[p] for p in shared])}
+    return comparison
+
+
 def compute_statistics(records: list[dict], names: list[str], seed: int, judged: bool) -> dict[str, Any]:
     """Every aggregate number of the report, from the per-reply records of the models ``names``."""
     summary = {m: {k: describe(list(_unit_values(records, m, k, "scores").values()), seed) for k in SCORE_KEYS}
@@ -117,14 +130,10 @@ def compute_statistics(records: list[dict], names: list[str], seed: int, judged:
     turns = max((r["turn"] for r in records), default=0) + 1
     by_turn = {m: {k: [_mean([r["scores"][k] for r in records if r["model"] == m and r["turn"] == t])
                        for t in range(turns)] for k in SCORE_KEYS} for m in names}
-    comparison = {}
-    for key in SCORE_KEYS:
-        tuned, base = _unit_values(records, "tuned", key, "scores"), _unit_values(records, "base", key, "scores")
-        shared = sorted(tuned.keys() & base.keys())
-        comparison[key] = {"base_mean": _mean([base[p] for p in shared]),
-                           "tuned_mean": _mean([tuned[p] for p in shared]),
-                           **paired_comparison([tuned[p] for p in shared], [base[p] for p in shared])}
-    stats: dict[str, Any] = {"summary": summary, "by_turn": by_turn, "tuned_vs_base": comparison}
+    stats: dict[str, Any] = {"summary": summary, "by_turn": by_turn,
+                             "tuned_vs_base": compare_models(records, "tuned", "base")}
+    if "supervised" in names:  # a preference-tuned run against the supervised run it continued
+        stats["tuned_vs_supervised"] = compare_models(records, "tuned", "supervised")
     if judged:
         stats["judge_summary"] = {
             m: {a: {**describe(list(_unit_values(records, m, a, "judge").values()), seed),
@@ -184,7 +193,9 @@ def plot_report(records: list[dict], models: list[dict[str, Any]], stats: dict[s
     # When it has the weights of a checkpoint (listed as its alias) it is that point of the line.
     figure, axes = plt.subplots(figsize=(7, 4.5))
     tuned = next(m for m in models if m["kind"] == "tuned")
-    line = sorted((m for m in models if m["kind"] != "tuned" or m.get("aliases")), key=lambda m: m["step"] or 0)
+    line = sorted((m for m in models if m["kind"] == "base" or m["kind"] == "checkpoint"
+                   or (m["kind"] == "tuned" and m.get("aliases"))),  # supervised: another run's steps
+                  key=lambda m: m["step"] or 0)
     steps = [m["step"] or 0 for m in line]
     tuned_step = tuned["step"] if tuned["step"] is not None else steps[-1] + 1
     for key in SCORE_KEYS:
@@ -275,6 +286,14 @@ def render_report(data: dict[str, Any]) -> str:
              "**yes**" if c["tuned_beats_base"] else "no"] for k, c in stats["tuned_vs_base"].items()]
     lines += _table(["axis", "base", "tuned", "difference", "W", "p (tuned > base)", "rank-biserial",
                      "tuned beats base"], rows)
+    if "tuned_vs_supervised" in stats:
+        lines += ["## Preference-tuned vs supervised", "",
+                  "The same paired test, with the supervised run this one continued in place of the base.", ""]
+        rows = [[k, _num(c["base_mean"]), _num(c["tuned_mean"]), _num(c["mean_difference"], 3),
+                 _num(c["statistic"], 1), f"{c['p_greater']:.3g}", _num(c["rank_biserial"]),
+                 "**yes**" if c["tuned_beats_base"] else "no"] for k, c in stats["tuned_vs_supervised"].items()]
+        lines += _table(["axis", "supervised", "tuned", "difference", "W", "p (tuned > supervised)",
+                         "rank-biserial", "tuned beats supervised"], rows)
     lines += ["## Mean scores per model", "", ("One row per distinct model: checkpoints with the same weights as "
               "another model are listed beside it (=), not evaluated twice."), ""]
     labels = {m["name"]: model_label(m) for m in data["models"]}

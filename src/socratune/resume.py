@@ -58,6 +58,13 @@ HARMLESS_KEYS = frozenset({
     "style.profile",
     "style.eval_samples",
     "style.max_new_tokens",
+    # settings of `socratune prefs` (making pairs), not of training on them
+    "prefs.samples",
+    "prefs.temperature",
+    "prefs.top_p",
+    "prefs.max_new_tokens",
+    "prefs.min_margin",
+    "prefs.weights",
 })
 DATA_KEY = "data content"
 WORLD_KEY = "training processes (world size)"
@@ -88,9 +95,14 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Differences between the recorded and the requested config as ``key: old -> new`` lines,
     split into (guarded, harmless)."""
+    from .config import Config
+
     old, new = _flatten(recorded), _flatten(current)
+    defaults = _flatten(Config().to_dict())
     guarded, harmless = [], []
     for key in sorted(old.keys() | new.keys()):
+        if key not in old and new.get(key) == defaults.get(key):
+            continue  # a key added to socratune after the run started, at its default: nothing changed
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             (harmless if key in HARMLESS_KEYS else guarded).append(line)

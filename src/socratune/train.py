@@ -132,6 +132,11 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     Raises RunDirError for a refused start (in use, guarded settings changed), DataError for
     unusable data and TrainingInterrupted after SIGTERM/SIGINT saved a checkpoint.
     """
+    if config.train.method != "sft":  # DPO / ORPO on preference pairs: preference.py, same run management
+        from .preference import train_preferences
+
+        return train_preferences(config, resume_from=resume_from, overwrite=overwrite, delete_old=delete_old,
+                                 allow_config_change=allow_config_change)
     started = time.perf_counter()
     run = RunDir(config.run.output_dir)
     ranks = Ranks.from_env()  # under torchrun / accelerate launch: main decides and writes, all train
