@@ -176,6 +176,24 @@ def load_base(
     return model
 
 
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking the 4-bit weights of a model that is being trained.
+
+    On a CPU with AVX-512 BF16, bitsandbytes (0.48 and later) rewrites a ``Linear4bit`` weight in
+    place into a packed uint8 layout the first time the layer runs in eval mode without
+    gradients, as the style evaluation does during training. From then on that layer computes
+    in bfloat16 through a kernel that passes no gradient to its input, the weight is no longer
+    stored in ``quant_storage`` (the float dtype FSDP shards), and an FSDP shard is re-gathered
+    in the layout its quant state no longer describes. The repacking is an inference speed-up;
+    a model being trained must compute the same on every CPU, so it is switched off here.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def add_lora(
     model,
     *,
@@ -202,6 +220,8 @@ def add_lora(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if quantized:
+        keep_4bit_layout(model)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in target_modules if m not in present]
     if missing:
