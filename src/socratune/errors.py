@@ -6,6 +6,8 @@ message and an exit code (2 for bad input a user can fix).
 
 from __future__ import annotations
 
+import errno
+
 
 class SocratuneError(Exception):
     """Base class: a failure with a message meant for the user."""
@@ -57,3 +59,50 @@ class TrainingInterrupted(SocratuneError):
         self.exit_code = 128 + signal_number
         self.run_dir = run_dir
         self.step = step
+
+
+class StorageError(SocratuneError):
+    """A file or directory could not be written or read: disk full, read-only, a file in the way.
+
+    Exit code 2: the user fixes it (frees space, picks another directory) and runs the same
+    command again; a run resumes from its last checkpoint.
+    """
+
+    exit_code = 2
+
+
+# What the user can do about each kind of OSError met while writing or reading a path.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: ("no space left on device", "free some space and run the same command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run the same command again"),
+    errno.EROFS: ("read-only file system", "choose a directory on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a directory you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a directory you may write to, or fix its permissions"),
+    errno.ENOTDIR: ("a file is in the way (part of the path is a file, not a directory)", "choose another path"),
+    errno.EEXIST: ("a file is in the way", "choose another path or remove it"),
+    errno.EISDIR: ("it is a directory", "give a file path"),
+    errno.ELOOP: ("too many levels of symbolic links (a symlink loop)", "fix the link"),
+    errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter path"),
+}
+
+
+def quote_capped(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never quotes a huge input whole.
+
+    Containers are described rather than repr'd, since repr of a deeply nested or
+    alias-multiplied value is itself the attack.
+    """
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"{type(value).__name__} of {len(value)} items"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + "…"
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "…"
+
+
+def os_error_message(exc: OSError, path: object, doing: str = "writing") -> str:
+    """One line for the user: what failed, on which path, and what to do."""
+    what, advice = _OS_ERROR_ADVICE.get(exc.errno or 0, (exc.strerror or str(exc), "check the path"))
+    return f"{what} {doing} {path}; {advice}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .tiny import save_tiny
+from .tiny import materialize_tiny
 
 TINY = "tiny"
 log = logging.getLogger("socratune.modeling")
@@ -72,9 +72,7 @@ def resolve_model_source(name_or_path: str, tiny_dir: Path) -> str:
     """Where to load from: the tiny model's directory (built on first use), a local directory,
     or a hub id. A path-looking name that does not exist is an error, not a hub lookup."""
     if name_or_path == TINY:
-        if not (tiny_dir / "config.json").exists():
-            save_tiny(tiny_dir)
-        return str(tiny_dir)
+        return str(materialize_tiny(tiny_dir))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

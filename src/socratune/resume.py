@@ -128,9 +128,7 @@ def plan_start(run: RunDir, config: dict[str, Any], data_fingerprint: str, resum
     Raises RunDirError when the run is in use by a live process, or when a guarded setting
     differs and ``allow_config_change`` is False: the message lists every difference.
     """
-    holder = run.lock_holder()
-    if holder is not None:
-        raise RunDirError(f"{run.path} is in use by process {holder}; wait for it or stop it")
+    run.refuse_if_locked()
     recorded = read_recorded_config(run)
     if recorded is None:
         if resume_from:
@@ -217,9 +215,7 @@ def _free_name(path: Path) -> Path:
 
 def move_aside(run: RunDir) -> Path:
     """``--overwrite``: rename the run directory to ``RUN.old-YYYYmmdd-HHMMSS``; nothing is deleted."""
-    holder = run.lock_holder()
-    if holder is not None:
-        raise RunDirError(f"{run.path} is in use by process {holder}; wait for it or stop it")
+    run.refuse_if_locked()
     target = _free_name(run.path.with_name(f"{run.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
     os.replace(run.path, target)
     logger.info("moved the previous run aside to %s", target)
