@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -71,9 +70,8 @@ def test_a_lock_left_by_a_live_unrelated_process_that_holds_no_flock_is_taken_ov
         with run.lock():
             assert json.loads((run / LOCK).read_text())["pid"] == os.getpid()
             assert run.lock_holder() == os.getpid()
-            with pytest.raises(RunDirError, match="in use by process"):
-                with run.lock():
-                    pass
+            with pytest.raises(RunDirError, match="in use by process"), run.lock():
+                pass
         assert not (run / LOCK).exists()
 
 
@@ -82,9 +80,8 @@ def test_a_lock_recorded_by_another_host_is_respected_and_the_message_says_how_t
     run.path.mkdir()
     (run / LOCK).write_text(json.dumps({"pid": 4242, "host": "other-machine.example"}))
     (run / "config.yaml").write_text("preset: tiny\n")
-    with pytest.raises(RunDirError) as refused:
-        with run.lock():
-            pass
+    with pytest.raises(RunDirError) as refused, run.lock():
+        pass
     message = str(refused.value)
     assert "4242" in message and "other-machine.example" in message and f"delete {run / LOCK}" in message
     assert run_status(run)["state"] == "running"

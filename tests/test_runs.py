@@ -279,9 +279,9 @@ def test_overwrite_with_delete_old_removes_the_old_run_after_success(small_input
 
 def test_second_writer_is_refused_with_the_holders_pid(reference_run, tmp_path, capsys):
     run = unfinished_copy(reference_run, tmp_path / "run", keep_up_to_step=8)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from socratune.rundir import RunDir\n"
-                               "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)",
-                               str(run)], stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from socratune.rundir import RunDir\n"
+            "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         before = tree_digest(run)

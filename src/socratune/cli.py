@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SocratuneError, TrainingInterrupted
+from .errors import ConfigError, SocratuneError, TrainingInterrupted, os_error_message
 
 EXIT_BAD_INPUT = 2
 
@@ -37,7 +37,9 @@ def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
     if args.model:
         overrides["model.name_or_path"] = args.model
     if args.data:
-        overrides["data.path"] = str(Path(args.data).resolve())  # the run resumes from any directory
+        # Absolute, so the run resumes from any directory; not resolve(), which raises on a symlink loop
+        # that the data loader reports in words.
+        overrides["data.path"] = os.path.abspath(args.data)
     if getattr(args, "output", None):
         overrides["run.output_dir"] = args.output
     if getattr(args, "epochs", None) is not None:
@@ -398,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
+    # A log handler that cannot write (disk full) must not print its own traceback; the write that
+    # matters fails too and is reported below with the path.
+    logging.raiseExceptions = False
     try:
         return args.handler(args)
     except SocratuneError as exc:
@@ -406,3 +411,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write or read no library layer translated: still the user's to fix
+        print(f"error: {os_error_message(exc, exc.filename or 'a file', 'with')}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, never a traceback on screen
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}; {_save_crash_report(args)}",
+              file=sys.stderr)
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else "(no message)"
+
+
+def _save_crash_report(args: argparse.Namespace) -> str:
+    """Write the traceback of the exception being handled to a file; say where, for a bug report."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="socratune-crash-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(f"socratune {args.command}\n{traceback.format_exc()}")
+    except OSError:
+        return "no crash report could be written"
+    return f"the full report is in {path}; please include it in a bug report"

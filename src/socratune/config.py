@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, os_error_message, quote_capped
 
 DEFAULT_PRESET = "tiny"
 
@@ -28,7 +28,8 @@ DEFAULT_PRESET = "tiny"
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `epochs: .inf` or `.nan` in YAML is a mistake to name, not a run that never ends.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -131,11 +132,35 @@ def available_presets() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: a config never needs them, and a few nested
+    aliases ("billion laughs") expand into more values than memory holds once merged and checked."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a config",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: not usable YAML: nested too deeply") from None
+    except ValueError as exc:  # int(): a number of thousands of digits
+        raise ConfigError(f"{source}: not usable YAML: {str(exc)[:80]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -143,10 +168,27 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def read_yaml_file(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping in a YAML file, or a ConfigError in one line naming the file: missing, not a
+    regular file, unreadable, not UTF-8, not YAML, aliases, or not a mapping."""
+    from .data import check_readable_file
+
+    check_readable_file(path, what, ConfigError)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                          "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(os_error_message(exc, path, f"reading {what}")) from exc
+    return _read_yaml(text, str(path))
+
+
 def _preset_dict(name: str) -> dict[str, Any]:
     allowed = available_presets()
     if name not in allowed:
-        raise ConfigError(f"unknown preset '{name}'; allowed: {', '.join(allowed)}", key="preset", allowed=allowed)
+        raise ConfigError(f"unknown preset {quote_capped(name)}; allowed: {', '.join(allowed)}", key="preset",
+                          allowed=allowed)
     text = (resources.files("socratune") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
     return _read_yaml(text, f"preset {name}")
 
@@ -191,10 +233,10 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"])
-            lines.append(f"{source}: unknown key '{key}'; allowed: {', '.join(allowed)}")
+            lines.append(f"{source}: unknown key {quote_capped(key)}; allowed: {', '.join(allowed)}")
         else:
             allowed = None  # pydantic's message already lists the allowed literals
-            lines.append(f"{source}: '{key}': {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{source}: '{quote_capped(key)}': {err['msg']} (got {quote_capped(err.get('input'))})")
         first_key = first_key or key
         first_allowed = first_allowed or allowed
     return ConfigError("\n".join(lines), key=first_key, allowed=first_allowed)
@@ -219,10 +261,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        try:
-            file_data = _read_yaml(path.read_text(encoding="utf-8"), source)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        file_data = read_yaml_file(path)
     named_preset = preset or file_data.get("preset")
     if recorded is not None and not named_preset:
         preset_name, base = recorded.get("preset", DEFAULT_PRESET), recorded

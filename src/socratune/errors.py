@@ -7,6 +7,7 @@ message and an exit code (2 for bad input a user can fix).
 from __future__ import annotations
 
 import errno
+import reprlib
 
 
 class SocratuneError(Exception):
@@ -71,6 +72,10 @@ class StorageError(SocratuneError):
     exit_code = 2
 
 
+_CAPPED_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_CAPPED_REPR.maxlevel, _CAPPED_REPR.maxstring, _CAPPED_REPR.maxlong, _CAPPED_REPR.maxother = 3, 60, 40, 60
+_CAPPED_REPR.maxtuple = _CAPPED_REPR.maxlist = _CAPPED_REPR.maxdict = _CAPPED_REPR.maxset = 4
+
 # What the user can do about each kind of OSError met while writing or reading a path.
 _OS_ERROR_ADVICE = {
     errno.ENOSPC: ("no space left on device", "free some space and run the same command again"),
@@ -87,19 +92,13 @@ _OS_ERROR_ADVICE = {
 
 
 def quote_capped(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an error message never quotes a huge input whole.
-
-    Containers are described rather than repr'd, since repr of a deeply nested or
-    alias-multiplied value is itself the attack.
-    """
-    if isinstance(value, (dict, list, tuple, set)):
-        return f"{type(value).__name__} of {len(value)} items"
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+    """``repr(value)`` in at most about ``limit`` characters: an error message never quotes a huge
+    input whole. ``reprlib`` also bounds nesting, so a deeply nested or alias-multiplied value is
+    described by its first items, never expanded."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
         return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
-    if isinstance(value, str) and len(value) > limit:
-        return repr(value[:limit]) + "…"
-    shown = repr(value)
-    return shown if len(shown) <= limit else shown[:limit] + "…"
+    shown = _CAPPED_REPR.repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def os_error_message(exc: OSError, path: object, doing: str = "writing") -> str:

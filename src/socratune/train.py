@@ -28,7 +28,14 @@ from .data import (
 )
 from .distributed import Ranks, sharding_engine
 from .errors import RunDirError, TrainingInterrupted
-from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
+from .resume import (
+    StartPlan,
+    move_aside,
+    plan_start,
+    prepare_resume,
+    record_start,
+    start_guard,
+)
 from .rundir import (
     CONFIG_YAML,
     LOG,
@@ -47,6 +54,7 @@ from .split import (
     Split,
     apply_split,
     load_split,
+    require_eval_dialogues,
     save_split,
     split_dialogues,
     verify_split,
@@ -90,6 +98,8 @@ def prepare_examples(config: Config, tokenizer: Any) -> tuple[ValidationReport, 
     )
     report.add_rejections(rejections)
     require_usable(report)
+    require_eval_dialogues(report.kept, config.data.split_seed, config.data.train_frac, config.data.eval_cap,
+                           report.source)
     return report, examples
 
 
@@ -150,7 +160,7 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     logger.info(report.summary())
     moved_aside = ranks.decide(lambda: move_aside(run) if overwrite and run.exists() else None)
 
-    with contextlib.ExitStack() as held:
+    with start_guard(run, moved_aside, enabled=ranks.is_main), contextlib.ExitStack() as held:
         # 3. The run directory (main process): lock, config, rejected rows and the split on disk
         #    before training; then every process reads the persisted split.
         ranks.decide(lambda: held.enter_context(run.lock()) and None)
