@@ -89,3 +89,61 @@ def test_a_lock_recorded_by_another_host_is_respected_and_the_message_says_how_t
     assert run_status(run)["state"] == "interrupted"
     with run.lock():
         pass
+
+
+@pytest.mark.parametrize(("texts", "settings", "expected"), [
+    (["勇気とは？"], {}, "share their questions"),
+    (["勇気とは？"] * 5, {}, "all 5 usable dialogue(s) share"),
+    (["勇気とは？", "正義とは？", "友情とは？"], {"train_frac": 1.0}, "data.train_frac is 1.0"),
+    (["勇気とは？", "正義とは？", "友情とは？"], {"eval_cap": 0}, "data.eval_cap is 0"),
+])
+def test_data_whose_split_leaves_nothing_to_evaluate_is_refused_with_the_reason(texts, settings, expected):
+    from socratune.data import Dialogue, Turn
+    from socratune.errors import DataError
+    from socratune.split import require_eval_dialogues
+
+    dialogues = [Dialogue(str(i), (Turn("user", text), Turn("assistant", f"あなたは{i}をどう考えますか？")))
+                 for i, text in enumerate(texts)]
+    options = {"seed": 42, "train_frac": 0.8, "eval_cap": 100, **settings}
+    with pytest.raises(DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        require_eval_dialogues(dialogues, source="d.json", **options)
+    if not settings and len(texts) == 1:  # one more question is enough
+        dialogues.append(Dialogue("9", (Turn("user", "正義とは？"), Turn("assistant", "どう思いますか？"))))
+        require_eval_dialogues(dialogues, source="d.json", **options)
+
+
+def test_a_full_disk_met_by_torch_save_is_named_too(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError without an errno: the free space tells."""
+    import shutil
+
+    from socratune.errors import StorageError
+    from socratune.resume import start_guard
+
+    run = RunDir(tmp_path / "run")
+    (run.checkpoints_dir / "checkpoint-4").mkdir(parents=True)  # training had begun: the run is kept
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(StorageError, match=f"no space left on device writing {run.path}.*resumes"), \
+            start_guard(run, None):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123 vs 456 "
+                           "PytorchStreamWriter failed writing file data/3")
+    assert (run.checkpoints_dir / "checkpoint-4").is_dir()
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(30, "Read-only file system")])
+def test_an_output_directory_that_cannot_be_written_is_named_and_nothing_is_left(tmp_path, monkeypatch, error):
+    from socratune.errors import StorageError
+    from socratune.resume import start_guard
+
+    run = RunDir(tmp_path / "out")
+    with pytest.raises(StorageError, match=f"(permission denied|read-only file system) writing {run.path / 'x'}"), \
+            start_guard(run, None):
+        run.path.mkdir()
+        error.filename = str(run.path / "x")
+        raise error
+    assert not run.path.exists()
+
+
+def test_a_run_directory_under_a_file_is_refused_by_the_lock(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(RunDirError, match="a file is in the way"), RunDir(tmp_path / "a-file" / "run").lock():
+        pass
