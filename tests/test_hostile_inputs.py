@@ -194,6 +194,13 @@ def build_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
         case(f"score: {label}", lambda n: ["score", n], lambda n: n,
              lambda folder, c=content: _write(folder, "replies.jsonl", c))
     case("score: directory", lambda n: ["score", n], lambda n: n, lambda folder: (folder / "d").mkdir() or "d")
+    case("score: FIFO", lambda n: ["score", n], lambda n: n, lambda folder: os.mkfifo(folder / "f.jsonl") or "f.jsonl")
+    case("generate --input FIFO", lambda n: ["generate", "run", "--input", n], lambda n: n,
+         lambda folder: (tiny_run(folder), os.mkfifo(folder / "p.jsonl"))[0] and "p.jsonl")
+    case("evaluate --prompts FIFO", lambda n: ["evaluate", "run", "--prompts", n], lambda n: n,
+         lambda folder: (tiny_run(folder), os.mkfifo(folder / "p.jsonl"))[0] and "p.jsonl")
+    case("generate --input deep", lambda n: ["generate", "run", "--input", n], lambda n: n,
+         lambda folder: (tiny_run(folder), _write(folder, "p.jsonl", '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}\n"))[1])
     case("score: missing", lambda n: ["score", n], lambda n: n, lambda folder: "missing.jsonl")
     return cases
 

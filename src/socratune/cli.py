@@ -127,6 +127,7 @@ def _gen_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
+    from .data import check_readable_file
     from .generate import generate_replies, read_prompts, reply_records
     from .modeling import load_for_inference
     from .rundir import write_text_atomic
@@ -137,6 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--output goes with --input; a single PROMPT's reply is printed")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.input:
+        check_readable_file(Path(args.input), "prompts file")  # a FIFO would block the reader
     items = read_prompts(args.input) if args.input else None  # bad lines fail before the model loads
     params = _gen_params(args)
     model, tokenizer = load_for_inference(args.run_dir, args.checkpoint, base_only=args.base)
@@ -226,8 +229,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .data import check_readable_file
     from .style import format_summary_table, load_profile, score_jsonl
 
+    check_readable_file(Path(args.file), "replies file")  # a FIFO would block the reader
     records, bad_lines, summary = score_jsonl(Path(args.file), Path(args.output) if args.output else None,
                                               load_profile(args.profile))
     if not args.output:
@@ -242,9 +247,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import check_readable_file
     from .evaluate import KEYS, REPORT_MD, evaluate
     from .style import load_profile
 
+    if args.prompts:
+        check_readable_file(Path(args.prompts), "prompts file")  # a FIFO would block the reader
     profile = load_profile(args.profile)
     judge = None
     if args.judge or args.judge_model:
@@ -412,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a write or read no library layer translated: still the user's to fix
-        print(f"error: {os_error_message(exc, exc.filename or 'a file', 'with')}", file=sys.stderr)
+        message = os_error_message(exc, exc.filename, "on") if exc.filename else (exc.strerror or str(exc))
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, never a traceback on screen
         print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}; {_save_crash_report(args)}",
