@@ -147,3 +147,26 @@ def test_a_run_directory_under_a_file_is_refused_by_the_lock(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(RunDirError, match="a file is in the way"), RunDir(tmp_path / "a-file" / "run").lock():
         pass
+
+
+def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from socratune.resume import _truncate_metrics
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,epoch,loss\r\n2,0.1,1.5\r\n4,0.2,1.4\r\n4,0.2\r\n6,0.3,1.3\r\n", encoding="utf-8")
+    _truncate_metrics(metrics, 4)
+    assert metrics.read_text(encoding="utf-8").splitlines() == ["step,epoch,loss", "2,0.1,1.5", "4,0.2,1.4"]
+
+
+@pytest.mark.parametrize("content", ["[" * 50_000 + "]" * 50_000, "\udcff", '{"global_step": ' + "9" * 5000 + "}"])
+def test_a_checkpoint_with_a_hostile_trainer_state_is_invalid_not_a_crash(tmp_path, content):
+    from socratune.rundir import checkpoint_problem, write_manifest
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    for name in ("scheduler.pt", "rng_state.pth", "optimizer.pt", "adapter_model.safetensors", "adapter_config.json"):
+        (checkpoint / name).write_bytes(b"x")
+    (checkpoint / "trainer_state.json").write_text(content, encoding="utf-8", errors="surrogateescape")
+    write_manifest(checkpoint)
+    assert checkpoint_problem(checkpoint) == "trainer_state.json does not parse"
+    assert RunDir(tmp_path).read_json("checkpoint-2/trainer_state.json") is None

@@ -198,7 +198,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return
-    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    # A row a kill cut short has fewer fields than the header: it is dropped, and logged again.
+    kept = [rows[0]] + [r for r in rows[1:]
+                        if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= last_step]
     if len(kept) != len(rows):
         out = io.StringIO()
         csv.writer(out, lineterminator="\r\n").writerows(kept)

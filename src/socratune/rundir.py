@@ -164,7 +164,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         recorded = manifest["files"]
     except FileNotFoundError:
         return "no manifest.json (checkpoint writing did not finish)"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "manifest.json is unreadable"
     for name in CHECKPOINT_REQUIRED:
         if name not in recorded:
@@ -186,7 +186,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         global_step = int(state["global_step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "trainer_state.json does not parse"
     if not (global_step == step == manifest.get("step")):
         return f"step numbers disagree: directory {step}, trainer state {global_step}, manifest {manifest.get('step')}"
@@ -249,7 +249,7 @@ class RunDir:
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
             return json.loads((self.path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return None
 
     def summary(self) -> dict[str, Any] | None:
