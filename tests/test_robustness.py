@@ -215,3 +215,27 @@ def test_a_checkpoint_with_a_hostile_trainer_state_is_invalid_not_a_crash(tmp_pa
     write_manifest(checkpoint)
     assert checkpoint_problem(checkpoint) == "trainer_state.json does not parse"
     assert RunDir(tmp_path).read_json("checkpoint-2/trainer_state.json") is None
+
+
+def test_an_unreadable_data_or_config_file_is_named(tmp_path, monkeypatch):
+    """Tests run as root, where chmod 000 stops nothing: the read itself is made to fail."""
+    from pathlib import Path as RealPath
+
+    from socratune.config import load_config
+    from socratune.data import dataset_fingerprint, load_dialogues
+    from socratune.errors import ConfigError, DataError
+
+    data, config = tmp_path / "d.json", tmp_path / "c.yaml"
+    data.write_text("[]", encoding="utf-8")
+    config.write_text("train: {}\n", encoding="utf-8")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(RealPath, "read_text", denied)
+    monkeypatch.setattr(RealPath, "open", denied)
+    for action in (lambda: load_dialogues(data), lambda: dataset_fingerprint(data)):
+        with pytest.raises(DataError, match=f"permission denied reading data file {data}"):
+            action()
+    with pytest.raises(ConfigError, match=f"permission denied reading config file {config}"):
+        load_config(config)
