@@ -69,7 +69,8 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 def _check_placement(path: Path, flag: str, protected: dict[str, Path]) -> None:
     """Refuse, even with ``--force``, a target that would replace or land inside something export
-    reads or must keep (the run directory, the base model), or whose parent is a file."""
+    reads or must keep (the run directory, the --merged output, the base model, the adapter), or
+    whose parent is a file."""
     resolved = Path(os.path.realpath(path))  # realpath: a symlink loop is compared, not raised
     for what, kept in protected.items():
         if _overlaps(resolved, Path(os.path.realpath(kept))):
@@ -296,11 +297,14 @@ def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path
     if gguf_target:
         _check_target(gguf_target, force, "--gguf")
     resolved = resolve_run_model(run_path, checkpoint)
-    base_dir = Path(resolved.source)
-    if base_dir.is_dir():  # a local base (the tiny one lies in the run directory, checked above)
-        for target, flag in ((merged_target, "--merged"), (gguf_target, "--gguf")):
-            if target:
-                _check_placement(target, flag, {"the base model": base_dir})
+    # What the export reads: a local base (the tiny one lies in the run directory, checked above) and
+    # the adapter, which --checkpoint may take from outside the run.
+    inputs = {"the adapter": resolved.adapter_dir}
+    if Path(resolved.source).is_dir():
+        inputs["the base model"] = Path(resolved.source)
+    for target, flag in ((merged_target, "--merged"), (gguf_target, "--gguf")):
+        if target:
+            _check_placement(target, flag, inputs)
     tokenizer = load_tokenizer(str(resolved.tokenizer_source), resolved.config.model.trust_remote_code)
     if gguf_target:  # an unsupported model is refused before the merge and before anything is written
         from transformers import AutoConfig
