@@ -26,10 +26,10 @@ def _setup(sft_run: str, pairs_path: str):
     import torch
     from peft import PeftModel
 
+    from socratune.examples import load_tokenizer_for
     from socratune.modeling import detect_hardware, load_base, resolve_run_model
     from socratune.preference import encode_pairs
     from socratune.prefs import read_pairs
-    from socratune.examples import load_tokenizer_for
 
     resolved = resolve_run_model(sft_run)
     tokenizer = load_tokenizer_for(resolved.config)

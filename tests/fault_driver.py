@@ -9,6 +9,8 @@ FAULT is one of:
   kill-in-checkpoint  SIGKILL halfway through writing optimizer.pt of checkpoint-STEP
   kill-in-final       SIGKILL after the final adapter is staged, before it is renamed into place
                       (STEP is ignored)
+  kill-in-base        SIGKILL halfway through writing config.json of the tiny base model as it is
+                      materialized for the run (STEP is ignored)
 
 The hooks patch this process only (the Trainer's ``torch.save`` and socratune's own callback and
 rename functions); nothing in the package knows about them.
@@ -57,6 +59,16 @@ def install(fault: str, step: int) -> None:
         torch.save = half_save
     elif fault == "kill-in-final":
         socratune.train.replace_dir_atomic = lambda staged, final: _kill()
+    elif fault == "kill-in-base":
+        from transformers import PreTrainedModel
+
+        def half_saved(self, directory, *args, **kwargs):
+            text = self.config.to_json_string()
+            with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as handle:
+                handle.write(text[: len(text) // 2])
+            _kill()
+
+        PreTrainedModel.save_pretrained = half_saved
     else:
         raise SystemExit(f"unknown fault {fault}")
 

@@ -227,7 +227,7 @@ def test_a_missing_or_undecodable_file_is_a_data_error(tmp_path):
         load_dialogues(tmp_path / "nope.json")
     shift_jis = tmp_path / "sjis.jsonl"
     shift_jis.write_bytes(json.dumps(GOOD, ensure_ascii=False).encode("shift_jis"))
-    with pytest.raises(DataError, match="cannot read data file .*sjis.jsonl"):
+    with pytest.raises(DataError, match="data file .*sjis.jsonl is not UTF-8 text"):
         load_dialogues(shift_jis)
 
 

@@ -291,10 +291,10 @@ def test_reference_logps_are_the_supervised_policys_and_training_leaves_them(dpo
     import yaml
 
     from socratune.config import config_from_dict
+    from socratune.examples import load_tokenizer_for
     from socratune.preference import encode_pairs, load_policy, reference_logps
     from socratune.prefs import read_pairs
     from socratune.rundir import RunDir
-    from socratune.examples import load_tokenizer_for
 
     run = RunDir(dpo_run)
     config = config_from_dict(yaml.safe_load((dpo_run / "config.yaml").read_text(encoding="utf-8")), "config")

@@ -236,6 +236,74 @@ def test_finished_run_asked_for_more_epochs_continues_from_its_final_state(refer
     assert "already finished" in capsys.readouterr().out
 
 
+def test_a_kill_while_the_tiny_base_is_saved_leaves_a_run_that_starts_again(small_inputs, reference_run, tmp_path):
+    run = tmp_path / "run"
+    killed = run_with_fault("kill-in-base", 0, small_args(small_inputs, run))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "base").exists()  # the half-written model never took the base's place
+    assert main(small_args(small_inputs, run)) == 0
+    assert summary(run)["global_step"] == TOTAL_STEPS
+    assert_same_adapter(run, reference_run)
+
+
+def test_a_half_written_base_left_by_an_older_version_is_rebuilt(tmp_path):
+    from socratune.modeling import resolve_model_source
+    from socratune.tiny import save_tiny
+
+    whole = save_tiny(tmp_path / "whole")
+    for broken in ("config.json", "model.safetensors", "tokenizer.json"):
+        base = Path(shutil.copytree(whole, tmp_path / f"base-{broken}"))
+        (base / broken).write_bytes((base / broken).read_bytes()[:20] if broken == "config.json" else b"")
+        if broken != "config.json":
+            (base / broken).unlink()
+        assert resolve_model_source("tiny", base) == str(base)
+        assert tree_digest(base) == tree_digest(whole)
+
+
+def test_a_failed_overwrite_puts_the_finished_run_back_and_a_failed_new_run_leaves_nothing(
+        small_inputs, reference_run, tmp_path, capsys):
+    config, data = small_inputs
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text(encoding="utf-8") + "lora:\n  target_modules: [no_such_proj]\n", encoding="utf-8")
+    run = Path(shutil.copytree(reference_run, tmp_path / "run"))
+    before = tree_digest(run)
+    capsys.readouterr()
+    assert main(["train", "--config", str(bad), "--data", str(data), "--output", str(run), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_proj" in err and "Traceback" not in err
+    assert tree_digest(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "run"]
+    assert main(["train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_is_named_in_one_line_and_the_run_resumes_once_space_is_freed(
+        small_inputs, reference_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import socratune.callbacks
+
+    run = tmp_path / "run"
+    real_write_manifest = socratune.callbacks.write_manifest
+
+    def disk_fills_at_step_8(checkpoint, *args, **kwargs):
+        if checkpoint.name == "checkpoint-8":
+            raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint / "manifest.json"))
+        return real_write_manifest(checkpoint, *args, **kwargs)
+
+    monkeypatch.setattr(socratune.callbacks, "write_manifest", disk_fills_at_step_8)
+    capsys.readouterr()
+    assert main(small_args(small_inputs, run)) == 2
+    err = capsys.readouterr().err
+    assert f"no space left on device writing {run / 'checkpoints' / 'checkpoint-8' / 'manifest.json'}" in err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.strip().splitlines()[-1].startswith("error: no space left on device writing")
+    monkeypatch.setattr(socratune.callbacks, "write_manifest", real_write_manifest)  # space freed
+    assert main(small_args(small_inputs, run)) == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert summary(run)["global_step"] == TOTAL_STEPS
+    assert_same_adapter(run, reference_run)
+
+
 def test_overwrite_moves_the_old_run_aside_untouched(small_inputs, reference_run, tmp_path, capsys):
     run = Path(shutil.copytree(reference_run, tmp_path / "run"))
     before = tree_digest(run)
@@ -255,9 +323,11 @@ def test_overwrite_with_delete_old_removes_the_old_run_after_success(small_input
 
 def test_second_writer_is_refused_with_the_holders_pid(reference_run, tmp_path, capsys):
     run = unfinished_copy(reference_run, tmp_path / "run", keep_up_to_step=8)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hold = ("import sys, time; from socratune.rundir import RunDir\n"
+            "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert holder.stdout.readline().strip() == "held"
         before = tree_digest(run)
         capsys.readouterr()
         assert main(["train", "--output", str(run)]) == 2

@@ -150,3 +150,42 @@ def test_the_saved_adapter_check_catches_a_changed_or_missing_file(tmp_path):
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ModelError, match="does not load"):
         check_saved_adapter(tmp_path, lora)
+
+
+def test_an_evaluation_during_qlora_training_leaves_the_4bit_weights_and_gradients_as_they_were(tmp_path):
+    """On CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit weight the first time it runs in eval
+    mode without gradients (as the style evaluation does mid-training); after that its layer passed
+    no gradient to its input. The trained model must compute the same on every CPU."""
+    import bitsandbytes as bnb
+
+    from socratune.tiny import save_tiny
+
+    base_dir = save_tiny(tmp_path / "base")
+    batch = {"input_ids": torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"]
+
+    def gradients(model):
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    for sharded in (False, True):
+        base = load_base(str(base_dir), hardware=CPU, load_in_4bit=True, sharded=sharded)
+        torch.manual_seed(0)
+        model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
+                         quantized=True, gradient_checkpointing=False, sharded=sharded)
+        for name, parameter in model.named_parameters():  # LoRA B starts at zero: let every adapter matter
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)
+        layout = {n: (p.dtype, p.shape) for n, p in model.named_parameters()}
+        before = gradients(model)
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        model.train()
+        assert {n: (p.dtype, p.shape) for n, p in model.named_parameters()} == layout
+        assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                       for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        after = gradients(model)
+        for name, grad in before.items():
+            torch.testing.assert_close(after[name], grad)

@@ -163,8 +163,9 @@ def test_validate_reports_each_rejection_and_writes_the_rejected_file(tmp_path, 
                          {"role": "model", "content": "では、君は勇気をどこで見たことがあるのかね？"}]}
     long_reply = {"messages": [{"role": "user", "content": "長い話をしてください。"},
                                {"role": "model", "content": "問いとは何かね？" * 400}]}
+    other = {"messages": [{"role": "user", "content": "正義とは？"}, {"role": "model", "content": "君はどう思うかね？"}]}
     lines = [json.dumps(good, ensure_ascii=False), '{"messages": [{"role": "teacher", "content": "x"}]}',
-             "not json", json.dumps(long_reply, ensure_ascii=False)]
+             "not json", json.dumps(long_reply, ensure_ascii=False), json.dumps(other, ensure_ascii=False)]
     data = tmp_path / "mixed.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     rejected = tmp_path / "rejected.jsonl"
@@ -172,10 +173,10 @@ def test_validate_reports_each_rejection_and_writes_the_rejected_file(tmp_path, 
     assert main(["validate", str(data), "--rejected", str(rejected)]) == 0
 
     out = capsys.readouterr().out
-    assert "1 dialogues kept, 3 rejected" in out
+    assert "2 dialogues kept, 3 rejected" in out
     assert "bad_role 1" in out and "invalid_json 1" in out and "too_long 1" in out
     assert "mixed.jsonl:3" in out  # the unparsable row is named by file and line
-    assert "1 dialogues ready to train" in out
+    assert "2 dialogues ready to train" in out
     rows = [json.loads(line) for line in rejected.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["reason"] for r in rows) == ["bad_role", "invalid_json", "too_long"]
 

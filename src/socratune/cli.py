@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SocratuneError, TrainingInterrupted
+from .errors import ConfigError, SocratuneError, TrainingInterrupted, os_error_message
 
 EXIT_BAD_INPUT = 2
 
@@ -40,7 +40,9 @@ def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
         local = Path(args.model).expanduser()
         overrides["model.name_or_path"] = str(local.resolve()) if local.is_dir() else args.model
     if args.data:
-        overrides["data.path"] = str(Path(args.data).resolve())  # the run resumes from any directory
+        # Absolute, so the run resumes from any directory; not resolve(), which raises on a symlink loop
+        # that the data loader reports in words.
+        overrides["data.path"] = os.path.abspath(args.data)
     if getattr(args, "output", None):
         overrides["run.output_dir"] = args.output
     if getattr(args, "epochs", None) is not None:
@@ -110,9 +112,9 @@ def _preference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "method", None):
         overrides["train.method"] = args.method
     if getattr(args, "pairs", None):
-        overrides["prefs.pairs"] = str(Path(args.pairs).resolve())
+        overrides["prefs.pairs"] = os.path.abspath(args.pairs)
     if getattr(args, "from_run", None):
-        overrides["prefs.from_run"] = str(Path(args.from_run).resolve())
+        overrides["prefs.from_run"] = os.path.abspath(args.from_run)
     return overrides
 
 
@@ -209,6 +211,7 @@ def _gen_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
+    from .data import check_readable_file
     from .generate import generate_replies, read_prompts, reply_records
     from .modeling import load_for_inference
     from .rundir import write_text_atomic
@@ -219,6 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--output goes with --input; a single PROMPT's reply is printed")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.input:
+        check_readable_file(Path(args.input), "prompts file")  # a FIFO would block the reader
     items = read_prompts(args.input) if args.input else None  # bad lines fail before the model loads
     params = _gen_params(args)
     model, tokenizer = load_for_inference(args.run_dir, args.checkpoint, base_only=args.base)
@@ -421,8 +426,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .data import check_readable_file
     from .style import format_summary_table, load_profile, score_jsonl
 
+    check_readable_file(Path(args.file), "replies file")  # a FIFO would block the reader
     records, bad_lines, summary = score_jsonl(Path(args.file), Path(args.output) if args.output else None,
                                               load_profile(args.profile))
     if not args.output:
@@ -446,11 +453,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import check_readable_file
     from .evaluate import evaluate
     from .report import REPORT_MD
     from .scores import SCORE_KEYS as KEYS
     from .style import load_profile
 
+    if args.prompts:
+        check_readable_file(Path(args.prompts), "prompts file")  # a FIFO would block the reader
     profile = load_profile(args.profile)
     judge = None
     if args.judge or args.judge_model:
@@ -781,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars would drown the training log
+    # A log handler that cannot write (disk full) must not print its own traceback; the write that
+    # matters fails too and is reported below with the path.
+    logging.raiseExceptions = False
     try:
         return args.handler(args)
     except SocratuneError as exc:
@@ -789,3 +802,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write or read no library layer translated: still the user's to fix
+        message = os_error_message(exc, exc.filename, "on") if exc.filename else (exc.strerror or str(exc))
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, never a traceback on screen
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}; {_save_crash_report(args)}",
+              file=sys.stderr)
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else "(no message)"
+
+
+def _save_crash_report(args: argparse.Namespace) -> str:
+    """Write the traceback of the exception being handled to a file; say where, for a bug report."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="socratune-crash-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(f"socratune {args.command}\n{traceback.format_exc()}")
+    except OSError:
+        return "no crash report could be written"
+    return f"the full report is in {path}; please include it in a bug report"

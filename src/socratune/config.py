@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, os_error_message, quote_capped
 
 DEFAULT_PRESET = "tiny"
 
@@ -30,7 +30,8 @@ DEFAULT_PRESET = "tiny"
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `epochs: .inf` or `.nan` in YAML is a mistake to name, not a run that never ends.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -169,11 +170,35 @@ def available_presets() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: a config never needs them, and a few nested
+    aliases ("billion laughs") expand into more values than memory holds once merged and checked."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a config",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: not usable YAML: nested too deeply") from None
+    except ValueError as exc:  # int(): a number of thousands of digits
+        raise ConfigError(f"{source}: not usable YAML: {str(exc)[:80]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -181,10 +206,27 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def read_yaml_file(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping in a YAML file, or a ConfigError in one line naming the file: missing, not a
+    regular file, unreadable, not UTF-8, not YAML, aliases, or not a mapping."""
+    from .data import check_readable_file
+
+    check_readable_file(path, what, ConfigError)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                          "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(os_error_message(exc, path, f"reading {what}")) from exc
+    return _read_yaml(text, str(path))
+
+
 def _preset_dict(name: str) -> dict[str, Any]:
     allowed = available_presets()
     if name not in allowed:
-        raise ConfigError(f"unknown preset '{name}'; allowed: {', '.join(allowed)}", key="preset", allowed=allowed)
+        raise ConfigError(f"unknown preset {quote_capped(name)}; allowed: {', '.join(allowed)}", key="preset",
+                          allowed=allowed)
     text = (resources.files("socratune") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
     return _read_yaml(text, f"preset {name}")
 
@@ -232,10 +274,10 @@ def _explain(exc: ValidationError, source: str, assigned: dict[str, str] | None 
         origin = _origin(key, assigned or {}, source)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"])
-            lines.append(f"{origin}: unknown key '{key}'; allowed: {', '.join(allowed)}")
+            lines.append(f"{origin}: unknown key {quote_capped(key)}; allowed: {', '.join(allowed)}")
         else:
             allowed = None  # pydantic's message already lists the allowed literals
-            lines.append(f"{origin}: '{key}': {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{origin}: '{quote_capped(key)}': {err['msg']} (got {quote_capped(err.get('input'))})")
         first_key = first_key or key
         first_allowed = first_allowed or allowed
     return ConfigError("\n".join(lines), key=first_key, allowed=first_allowed)
@@ -261,12 +303,16 @@ def parse_assignments(assignments: list[str] | None) -> dict[str, Any]:
         key, sep, text = assignment.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=5",
-                              key=key or None)
+            raise ConfigError(f"--set {quote_capped(assignment)}: expected KEY=VALUE with a dotted key, "
+                              "e.g. --set train.epochs=5", key=quote_capped(key) if key else None)
         try:
-            parsed[key] = yaml.safe_load(text) if text.strip() else ""
+            parsed[key] = yaml.load(text, Loader=_NoAliasLoader) if text.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: the value {text!r} is not a valid YAML value: {exc}", key=key) from exc
+            raise ConfigError(f"--set {quote_capped(key)}: the value {quote_capped(text)} is not a valid YAML value: "
+                              f"{_yaml_problem(exc)}", key=quote_capped(key)) from exc
+        except (RecursionError, ValueError):  # nested too deeply; a number of thousands of digits
+            raise ConfigError(f"--set {quote_capped(key)}: the value {quote_capped(text)} is not usable",
+                              key=quote_capped(key)) from None
     return parsed
 
 
@@ -292,10 +338,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        try:
-            file_data = _read_yaml(path.read_text(encoding="utf-8"), source)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        file_data = read_yaml_file(path)
     assigned = parse_assignments(assignments)
     named_preset = preset or file_data.get("preset") or assigned.get("preset")
     if recorded is not None and not named_preset:

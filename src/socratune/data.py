@@ -13,22 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, SocratuneError, os_error_message, quote_capped
 from .rundir import write_text_atomic
 
 BOT = "assistant"
 # Gemma-style data says "model", OpenAI-style data says "assistant": both are the bot.
 ROLE_ALIASES = {"user": "user", "model": BOT, "assistant": BOT, "system": "system"}
-REASONS = ("invalid_json", "not_an_object", "missing_messages", "bad_role", "empty_content", "not_alternating",
-           "not_ending_on_bot", "misplaced_system", "too_long", "no_trained_tokens")
+REASONS = ("invalid_json", "not_an_object", "missing_messages", "bad_role", "empty_content", "invalid_text",
+           "not_alternating", "not_ending_on_bot", "misplaced_system", "too_long", "no_trained_tokens")
 _ALLOWED_ROLES = "user, model, assistant, system (first only)"
 # Between the elements of a list that already parsed as JSON there is only whitespace and commas.
 _BETWEEN_ELEMENTS = re.compile(r"[ \t\n\r,]*")
+_SURROGATE_PROBLEM = "holds a lone surrogate"
+_SURROGATE_HINT = ", which is not Unicode text (a broken \\uXXXX escape); fix or remove it"
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ def _check(record: object) -> list[Turn] | tuple[str, str]:
     if not isinstance(record, dict):
         return "not_an_object", f"expected an object with 'messages', got {_json_type(record)}"
     if "messages" not in record:
-        keys = ", ".join(repr(k) for k in record) or "none"
+        keys = ", ".join(quote_capped(k, 40) for k in list(record)[:10]) or "none"
+        keys += ", ..." if len(record) > 10 else ""
         return "missing_messages", f"no 'messages' key (keys present: {keys})"
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
@@ -134,7 +138,7 @@ def _check(record: object) -> list[Turn] | tuple[str, str]:
             return "bad_role", f"message {number} is {_json_type(message)}, not an object with role and content"
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLE_ALIASES:
-            return "bad_role", f"message {number} has role {role!r}; allowed: {_ALLOWED_ROLES}"
+            return "bad_role", f"message {number} has role {quote_capped(role)}; allowed: {_ALLOWED_ROLES}"
         content = message.get("content")
         if not isinstance(content, str):
             found = "missing" if "content" not in message else _json_type(content)
@@ -159,6 +163,49 @@ def _check(record: object) -> list[Turn] | tuple[str, str]:
     return turns
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """``\\ud800 at character 12`` for the first lone surrogate in ``text`` (JSON's ``"\\ud800"``
+    escape decodes to one; it cannot be encoded, tokenized or written), else None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x} at character {exc.start + 1}"
+
+
+def _surrogate_in(value: object) -> str | None:
+    """The first lone surrogate anywhere in a parsed JSON value (keys included), walked without
+    recursion so that depth is no problem."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if (found := _lone_surrogate(item)) is not None:
+                return found
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def parse_json(text: str) -> object:
+    """``json.loads`` whose every failure is a ValueError with a short message: nesting deeper than
+    Python's recursion limit and integers beyond its digit limit included (the decoder raises
+    RecursionError, or a ValueError quoting the whole number, for those)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("nested too deeply (arrays or objects inside each other thousands of levels deep)") from None
+    except ValueError as exc:
+        if "digits" in str(exc):  # int(): "Exceeds the limit (4300 digits) for integer string conversion"
+            raise ValueError("a number has too many digits to read (more than 4300)") from None
+        raise ValueError(f"cannot be read: {str(exc)[:80]}") from None
+
+
 def _json_list_lines(text: str) -> list[int]:
     """1-based line on which each top-level element of ``text`` starts; ``text`` must be a valid JSON list.
 
@@ -180,9 +227,13 @@ def _json_list_lines(text: str) -> list[int]:
 
 def _parse_json_list(path: Path, text: str) -> list[tuple[int | None, object]]:
     try:
-        records = json.loads(text)
+        records = parse_json(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except ValueError as exc:
+        raise DataError(f"{path}: not usable JSON: {exc}") from exc
+    if not isinstance(records, list):
+        raise DataError(f"{path} holds {_json_type(records)}; expected a JSON list of dialogues ([{{...}}, ...])")
     return list(zip(_json_list_lines(text), records))
 
 
@@ -194,9 +245,17 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, object, str | None]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line), None
+            value = parse_json(line)
         except json.JSONDecodeError as exc:
             yield number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            continue
+        except ValueError as exc:
+            yield number, None, f"invalid JSON: {exc}"
+            continue
+        if (surrogate := _surrogate_in(value)) is not None:
+            yield number, None, f"invalid JSON: {_SURROGATE_PROBLEM} {surrogate}{_SURROGATE_HINT}"
+            continue
+        yield number, value, None
 
 
 def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
@@ -206,14 +265,14 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
         if problem is None:
             out.append((number, value))
         else:
-            detail = problem.removeprefix("invalid JSON: ")
-            out.append((number, Rejection(str(path), len(out), number, "invalid_json",
-                                          f"not valid JSON at line {number}: {detail}")))
-    if out and all(isinstance(record, Rejection) for _, record in out):
+            reason = "invalid_text" if _SURROGATE_PROBLEM in problem else "invalid_json"
+            out.append((number, Rejection(str(path), len(out), number, reason,
+                                          f"not valid JSON at line {number}: {problem.removeprefix('invalid JSON: ')}")))
+    if out and all(isinstance(record, Rejection) and record.reason == "invalid_json" for _, record in out):
         # Not one line parsed: this is not JSONL with a few bad rows but a file of another kind.
         try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
+            whole = parse_json(text)
+        except ValueError:
             first = out[0][1]
             raise DataError(f"{path} is neither a JSON list nor JSON Lines: {first.message}") from None
         raise DataError(f"{path} holds {_json_type(whole)}; expected a JSON list of dialogues ([{{...}}, ...]) "
@@ -230,13 +289,7 @@ def load_dialogues(path: str | Path) -> ValidationReport:
     UTF-8, a JSON list that does not parse, or not JSON at all.
     """
     path = Path(path)
-    try:
-        # utf-8-sig: files saved by Windows editors start with a byte-order mark.
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise DataError(f"data file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read data file {path}: {exc}") from exc
+    text = read_text_file(path, "data file")
     is_list = text.lstrip().startswith("[") and path.suffix != ".jsonl"
     records = _parse_json_list(path, text) if is_list else _parse_jsonl(path, text)
 
@@ -245,6 +298,10 @@ def load_dialogues(path: str | Path) -> ValidationReport:
         if isinstance(record, Rejection):
             rejections.append(record)
             continue
+        if (surrogate := _surrogate_in(record)) is not None:
+            rejections.append(Rejection(str(path), index, line, "invalid_text",
+                                        f"{_SURROGATE_PROBLEM} {surrogate}{_SURROGATE_HINT}"))
+            continue
         checked = _check(record)
         if isinstance(checked, tuple):
             rejections.append(Rejection(str(path), index, line, *checked))
@@ -252,6 +309,37 @@ def load_dialogues(path: str | Path) -> ValidationReport:
             metadata = {k: v for k, v in record.items() if k != "messages"}
             kept.append(Dialogue(str(index), tuple(checked), metadata))
     return ValidationReport(str(path), kept, rejections)
+
+
+def check_readable_file(path: Path, what: str, error: type[SocratuneError] = DataError) -> None:
+    """Raise DataError unless ``path`` is an existing regular file that can be opened: a missing
+    path, a directory, a FIFO (which would block a reader forever), a symlink loop and an
+    unreadable file each get one line naming ``what`` and the path."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(os_error_message(exc, path, f"reading {what}")) from exc
+    if stat.S_ISDIR(mode):
+        raise error(f"{what} {path} is a directory; give a file")
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} {path} is not a regular file (a pipe, socket or device); give a file")
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of an input file (a byte-order mark is dropped), or a DataError in one line
+    naming ``what`` and the path: missing, not a regular file, unreadable, or not UTF-8."""
+    path = Path(path)
+    check_readable_file(path, what)
+    try:
+        # utf-8-sig: files saved by Windows editors start with a byte-order mark.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                        "save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(os_error_message(exc, path, f"reading {what}")) from exc
 
 
 def require_usable(report: ValidationReport) -> None:
@@ -269,9 +357,15 @@ def write_rejections(rejections: list[Rejection], path: Path) -> None:
 
 
 def dataset_fingerprint(path: str | Path) -> str:
-    """sha256 of the data file's bytes: the run guard compares it when a run continues."""
+    """sha256 of the data file's bytes: the run guard compares it when a run continues. A path
+    that is not a readable file is a DataError, the same one ``load_dialogues`` raises."""
+    path = Path(path)
+    check_readable_file(path, "data file")
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(os_error_message(exc, path, "reading data file")) from exc
     return digest.hexdigest()

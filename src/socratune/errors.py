@@ -6,6 +6,9 @@ message and an exit code (2 for bad input a user can fix).
 
 from __future__ import annotations
 
+import errno
+import reprlib
+
 
 class SocratuneError(Exception):
     """Base class: a failure with a message meant for the user."""
@@ -66,6 +69,14 @@ class EndpointError(SocratuneError):
 class EndpointUnreachable(EndpointError):
     """The endpoint did not answer when a command started: nothing was sent or written yet."""
 
+
+class StorageError(SocratuneError):
+    """A file or directory could not be written or read: disk full, read-only, a file in the way.
+
+    Exit code 2: the user fixes it (frees space, picks another directory) and runs the same
+    command again; a run resumes from its last checkpoint.
+    """
+
     exit_code = 2
 
 
@@ -90,3 +101,38 @@ class SynthInterrupted(SocratuneError):
     """Ctrl-C stopped ``synth``: finished dialogues are on disk, those in flight were dropped."""
 
     exit_code = 130
+
+
+_CAPPED_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_CAPPED_REPR.maxlevel, _CAPPED_REPR.maxstring, _CAPPED_REPR.maxlong, _CAPPED_REPR.maxother = 3, 60, 40, 60
+_CAPPED_REPR.maxtuple = _CAPPED_REPR.maxlist = _CAPPED_REPR.maxdict = _CAPPED_REPR.maxset = 4
+
+# What the user can do about each kind of OSError met while writing or reading a path.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: ("no space left on device", "free some space and run the same command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run the same command again"),
+    errno.EROFS: ("read-only file system", "choose a directory on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a directory you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a directory you may write to, or fix its permissions"),
+    errno.ENOTDIR: ("a file is in the way (part of the path is a file, not a directory)", "choose another path"),
+    errno.EEXIST: ("a file is in the way", "choose another path or remove it"),
+    errno.EISDIR: ("it is a directory", "give a file path"),
+    errno.ELOOP: ("too many levels of symbolic links (a symlink loop)", "fix the link"),
+    errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter path"),
+}
+
+
+def quote_capped(value: object, limit: int = 80) -> str:
+    """``repr(value)`` in at most about ``limit`` characters: an error message never quotes a huge
+    input whole. ``reprlib`` also bounds nesting, so a deeply nested or alias-multiplied value is
+    described by its first items, never expanded."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    shown = _CAPPED_REPR.repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def os_error_message(exc: OSError, path: object, doing: str = "writing") -> str:
+    """One line for the user: what failed, on which path, and what to do."""
+    what, advice = _OS_ERROR_ADVICE.get(exc.errno or 0, (exc.strerror or str(exc), "check the path"))
+    return f"{what} {doing} {path}; {advice}"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .data import Dialogue, ValidationReport, load_dialogues, require_usable
+from .split import require_eval_dialogues
 from .template import Example, encode_dialogues
 
 if TYPE_CHECKING:
@@ -51,6 +52,10 @@ def prepare_examples(config: Config, tokenizer: PreTrainedTokenizerBase) -> tupl
     )
     report.add_rejections(rejections)
     require_usable(report)
+    # validate and train both come here, so a file that validates trains: refuse, before anything
+    # is written, data whose split would leave nothing to evaluate on (split.require_eval_dialogues).
+    require_eval_dialogues(report.kept, config.data.split_seed, config.data.train_frac, config.data.eval_cap,
+                           report.source)
     return report, examples
 
 

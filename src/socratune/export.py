@@ -33,6 +33,7 @@ from .errors import ConfigError, ModelError
 from .modeling import (
     RunModel,
     load_adapter_for_inference,
+    load_failure,
     load_tokenizer,
     resolve_run_model,
 )
@@ -59,6 +60,27 @@ def _check_target(path: Path, force: bool, flag: str) -> None:
     if not force and (not wants_dir or any(path.iterdir())):
         raise ConfigError(f"{flag} {path} already exists{' and is not empty' if wants_dir else ''}; "
                           "pass --force to replace it", key=flag)
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one of two resolved paths is the other or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_placement(path: Path, flag: str, protected: dict[str, Path]) -> None:
+    """Refuse, even with ``--force``, a target that would replace or land inside something export
+    reads or must keep (the run directory, the --merged output, the base model, the adapter), or
+    whose parent is a file."""
+    resolved = Path(os.path.realpath(path))  # realpath: a symlink loop is compared, not raised
+    for what, kept in protected.items():
+        if _overlaps(resolved, Path(os.path.realpath(kept))):
+            raise ConfigError(f"{flag} {path} overlaps {what} {kept}; export writes outside it "
+                              "(choose a path that neither lies inside it nor contains it)", key=flag)
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory; choose another path", key=flag)
+            break
 
 
 def merged_dtype(config: Any, source: str):
@@ -91,8 +113,8 @@ def merge_run(resolved: RunModel) -> tuple[Any, list[str]]:
     try:
         base = AutoModelForCausalLM.from_pretrained(resolved.source, dtype=merged_dtype(config, resolved.source),
                                                     trust_remote_code=config.model.trust_remote_code)
-    except OSError as exc:
-        raise ModelError(f"cannot load model {resolved.source}: {exc}") from exc
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for broken files
+        raise load_failure("model", resolved.source, exc) from exc
     merged = load_adapter_for_inference(base, resolved.adapter_dir).merge_and_unload()
     merged.eval()
     return merged, notes
@@ -263,17 +285,38 @@ def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path
     gguf_target = Path(gguf_path) if gguf_path else None
     if merged_target is None and gguf_target is None:
         raise ConfigError("nothing to export: give a merged directory and/or a GGUF path")
+    if gguf_target and (str(gguf_path).endswith(("/", os.sep)) or gguf_target.is_dir()):
+        raise ConfigError(f"--gguf {gguf_path} is a directory; give a file path such as {gguf_target / 'model.gguf'}",
+                          key="--gguf")
+    protected = {"the run directory": Path(run_path)}
+    if merged_target:
+        _check_placement(merged_target, "--merged", protected)
+        protected["the --merged directory"] = merged_target  # replaced whole, a GGUF inside would go with it
+    if gguf_target:
+        _check_placement(gguf_target, "--gguf", protected)
     if merged_target:
         _check_target(merged_target, force, "--merged")
     if gguf_target:
         _check_target(gguf_target, force, "--gguf")
     resolved = resolve_run_model(run_path, checkpoint)
+    # What the export reads: a local base (the tiny one lies in the run directory, checked above) and
+    # the adapter, which --checkpoint may take from outside the run.
+    inputs = {"the adapter": resolved.adapter_dir}
+    if Path(resolved.source).is_dir():
+        inputs["the base model"] = Path(resolved.source)
+    for target, flag in ((merged_target, "--merged"), (gguf_target, "--gguf")):
+        if target:
+            _check_placement(target, flag, inputs)
     tokenizer = load_tokenizer(str(resolved.tokenizer_source), resolved.config.model.trust_remote_code)
     if gguf_target:  # an unsupported model is refused before the merge and before anything is written
         from transformers import AutoConfig
 
-        _check_llama(AutoConfig.from_pretrained(resolved.source,
-                                                trust_remote_code=resolved.config.model.trust_remote_code), tokenizer)
+        try:
+            model_config = AutoConfig.from_pretrained(resolved.source,
+                                                      trust_remote_code=resolved.config.model.trust_remote_code)
+        except Exception as exc:  # a broken config.json: OSError, ValueError, KeyError...
+            raise load_failure("the model config", resolved.source, exc) from exc
+        _check_llama(model_config, tokenizer)
     model, notes = merge_run(resolved)
     if merged_target:
         save_merged(model, tokenizer, merged_target)

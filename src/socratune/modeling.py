@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .rundir import match_umask
-from .tiny import save_tiny
+from .tiny import materialize_tiny
 
 TINY = "tiny"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,20 +74,40 @@ def resolve_model_source(name_or_path: str, tiny_dir: Path) -> str:
     """Where to load from: the tiny model's directory (built on first use), a local directory,
     or a hub id. A path-looking name that does not exist is an error, not a hub lookup."""
     if name_or_path == TINY:
-        if not (tiny_dir / "config.json").exists():
-            save_tiny(tiny_dir)
-            match_umask(tiny_dir)
         # Absolute: PEFT records it in adapter_config.json and resolves it against the CWD of
         # whoever loads the adapter, so a relative path works from one directory only.
-        return str(tiny_dir.resolve())
+        return str(materialize_tiny(tiny_dir).resolve())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is a directory but holds no config.json: not a transformers model")
+        _check_model_dir(path)
         return str(path.resolve())
     if name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1:
         raise ModelError(f"model directory {name_or_path} does not exist")
     return name_or_path
+
+
+def load_failure(what: str, source: str, exc: BaseException) -> ModelError:
+    """A ModelError in one line for files transformers could not load: a garbage config.json or
+    tokenizer.json raises anything from OSError to ValueError, KeyError or the tokenizers
+    library's own Exception, often with a message of many lines."""
+    lines = str(exc).strip().splitlines()
+    detail = lines[0][:200] if lines else type(exc).__name__
+    return ModelError(f"cannot load {what} from {source}: {detail}; is it a complete transformers model directory?")
+
+
+def _check_model_dir(path: Path) -> None:
+    """Refuse a model directory whose config.json is not a JSON object before transformers reads it."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path / 'config.json'} is not valid JSON ({type(exc).__name__}); "
+                         "not a usable transformers model") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path / 'config.json'} does not hold a JSON object; not a usable transformers model")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
@@ -96,8 +115,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ModelError(f"cannot load a tokenizer from {source}: {exc}") from exc
+    except Exception as exc:  # see load_failure
+        raise load_failure("a tokenizer", source, exc) from exc
     if not tokenizer.chat_template:
         raise ModelError(f"the tokenizer of {source} has no chat template; use a chat/instruction model")
     if tokenizer.pad_token_id is None:
@@ -175,11 +194,34 @@ def load_base(
             kwargs["dtype"] = quantization.bnb_4bit_compute_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"cannot load model {source}: {exc}") from exc
+    except Exception as exc:  # see load_failure
+        raise load_failure("model", source, exc) from exc
+    if load_in_4bit:
+        keep_4bit_layout(model)
     if hardware.device == "cuda" and not load_in_4bit and not sharded:
         model.to("cuda")
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its AVX-512 inference layout.
+
+    On a CPU with AVX-512 BF16, bitsandbytes (0.48 and later) rewrites a ``Linear4bit`` weight in
+    place into a packed uint8 layout the first time the layer runs in eval mode without
+    gradients, as the style evaluation does during training. From then on that layer computes
+    in bfloat16 through a kernel that passes no gradient to its input, the weight is no longer
+    stored in ``quant_storage`` (the float dtype FSDP shards), and an FSDP shard is re-gathered
+    in the layout its quant state no longer describes. Even for inference it changes the
+    numbers (bfloat16 instead of the float32 compute dtype), so a reloaded adapter would not
+    reproduce its trained loss and replies would depend on the CPU. The repacking speeds up a
+    path that is slow anyway (QLoRA without a GPU); results that are the same on every x86-64
+    CPU are worth more, so it is switched off for every 4-bit load.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(
@@ -225,7 +267,10 @@ def load_adapter_for_inference(base, adapter_dir: Path):
 
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except Exception as exc:  # a damaged adapter_config.json or weights file
+        raise load_failure("the adapter", str(adapter_dir), exc) from exc
     model.eval()
     return model
 
@@ -319,16 +364,14 @@ def resolve_run_model(run_path: str | Path, checkpoint: str | None = None) -> Ru
     The base is found from the run's recorded config, not from the adapter's absolute path, so
     a run directory still works after it has been moved.
     """
-    import yaml
-
-    from .config import config_from_dict
+    from .config import config_from_dict, read_yaml_file
     from .rundir import CONFIG_YAML, RunDir
 
     run = RunDir(run_path)
     config_path = run / CONFIG_YAML
     if not config_path.exists():
         raise ModelError(f"{run.path} is not a run directory (no {CONFIG_YAML})")
-    config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
+    config = config_from_dict(read_yaml_file(config_path, "the run's config"), str(config_path))
     source = resolve_model_source(config.model.name_or_path, run.base_dir)
     if config.model.name_or_path == TINY:
         point_adapters_at_base(run, source)

@@ -36,6 +36,7 @@ from .callbacks import METRIC_COLUMNS, TrainingMonitorCallback
 from .config import Config, dump_yaml
 from .data import dataset_fingerprint
 from .errors import ConfigError, DataError, RunDirError, TrainingInterrupted
+from .hf_trainer import EpochSeededLengthSampler, SocratuneTrainer
 from .prefs import (
     PAIRS_SPLIT,
     Pair,
@@ -57,7 +58,6 @@ from .rundir import (
     write_text_atomic,
 )
 from .template import IGNORE_INDEX, bot_spans, chat_messages, supports_system_role
-from .hf_trainer import EpochSeededLengthSampler, SocratuneTrainer
 
 logger = logging.getLogger("socratune")
 REFERENCE_LOGPS = "reference_logps.json"
@@ -345,8 +345,8 @@ def train_preferences(config: Config, *, resume_from: str | None = None, overwri
     import shutil
 
     from .distributed import Ranks
-    from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
     from .examples import load_tokenizer_for
+    from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
     from .train import TrainResult, _attach_log_file, _detach_log_file
 
     started = time.perf_counter()
@@ -422,9 +422,9 @@ def _fit_preferences(config: Config, run: RunDir, source_run: RunDir, tokenizer:
     from transformers import PrinterCallback, set_seed
 
     from .callbacks import CheckpointCallback, StopOnSignal, StyleCallback
+    from .hf_trainer import summarize_run, training_arguments
     from .style import StyleScorer, load_profile
     from .train import TrainResult
-    from .hf_trainer import summarize_run, training_arguments
 
     set_seed(config.train.seed)
     model, source, hardware = load_policy(config, run, source_run)

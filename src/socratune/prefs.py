@@ -194,10 +194,10 @@ def training_prompts(run_path: str | Path) -> list[list[dict[str, str]]]:
     """The run's training split as reply prompts: each training dialogue cut before its last bot
     turn. The eval split is never used: pairs from it would leak into what evaluation measures."""
     from .data import load_dialogues
+    from .examples import bundled_data_path, reply_prompts
     from .modeling import resolve_run_model
     from .rundir import SPLIT, RunDir
     from .split import apply_split, load_split
-    from .examples import bundled_data_path, reply_prompts
 
     run = RunDir(run_path)
     config = resolve_run_model(run.path).config

@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError, StorageError, os_error_message
 from .rundir import (
+    ADAPTER,
     CONFIG_YAML,
     METRICS,
     RUN_RECORD,
@@ -111,16 +112,15 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[l
 
 def read_recorded_config(run: RunDir) -> dict[str, Any] | None:
     """The config a run directory was last trained with, or None for a new directory."""
+    from .config import read_yaml_file
+
     path = run / CONFIG_YAML
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except yaml.YAMLError as exc:
-        raise RunDirError(f"{path} is not valid YAML ({exc}); move the run aside with --overwrite") from exc
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path} does not hold a config mapping; move the run aside with --overwrite")
-    return data
+    try:
+        return read_yaml_file(path, "the run's config")
+    except ConfigError as exc:
+        raise RunDirError(f"{exc}; move the run aside with --overwrite") from exc
 
 
 def resolve_checkpoint(run: RunDir, name: str) -> Path:
@@ -141,9 +141,7 @@ def plan_start(run: RunDir, config: dict[str, Any], data_fingerprint: str, resum
     Raises RunDirError when the run is in use by a live process, or when a guarded setting
     differs and ``allow_config_change`` is False: the message lists every difference.
     """
-    holder = run.lock_holder()
-    if holder is not None:
-        raise RunDirError(f"{run.path} is in use by process {holder}; wait for it or stop it")
+    run.refuse_if_locked()
     recorded = read_recorded_config(run)
     if recorded is None:
         if resume_from:
@@ -213,7 +211,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return
-    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    # A row a kill cut short has fewer fields than the header: it is dropped, and logged again.
+    kept = [rows[0]] + [r for r in rows[1:]
+                        if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= last_step]
     if len(kept) != len(rows):
         out = io.StringIO()
         csv.writer(out, lineterminator="\r\n").writerows(kept)
@@ -230,9 +230,7 @@ def _free_name(path: Path) -> Path:
 
 def move_aside(run: RunDir) -> Path:
     """``--overwrite``: rename the run directory to ``RUN.old-YYYYmmdd-HHMMSS``; nothing is deleted."""
-    holder = run.lock_holder()
-    if holder is not None:
-        raise RunDirError(f"{run.path} is in use by process {holder}; wait for it or stop it")
+    run.refuse_if_locked()
     target = _free_name(run.path.with_name(f"{run.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
     os.replace(run.path, target)
     logger.info("moved the previous run aside to %s", target)
@@ -254,3 +252,64 @@ def record_start(run: RunDir, plan: StartPlan, data_path: str, data_fingerprint:
         "allowed_guarded_changes": plan.guarded_changes,
     })
     write_json_atomic(run / RUN_RECORD, record)
+
+
+# Below this much free space, a failed write is taken to be the disk filling up (torch.save reports
+# a full disk as a RuntimeError without an errno).
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a write that failed for lack of space."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, RuntimeError) and "writ" in str(exc).lower():
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(path).free < _NEARLY_FULL_BYTES
+    return False
+
+
+def _training_began(run: RunDir) -> bool:
+    """Whether the run holds any work worth keeping: a checkpoint, an adapter, or logged steps."""
+    if run.checkpoints() or (run / ADAPTER).exists():
+        return True
+    try:
+        return len((run / METRICS).read_text(encoding="utf-8").splitlines()) > 1
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+@contextlib.contextmanager
+def start_guard(run: RunDir, moved_aside: Path | None, enabled: bool = True) -> Iterator[None]:
+    """Wrap a start of training (run directory opened, model loaded, adapter created, training).
+
+    If it fails before any training work exists, what the start did is undone: a directory it
+    created (or an empty one it filled) is removed, and a finished run that ``--overwrite``
+    moved aside is moved back, so a failed start never replaces a run. Once training has begun
+    the directory is kept: it resumes. A full disk or another OSError becomes a StorageError
+    naming the path, telling the user the same command resumes once the cause is fixed.
+    """
+    fresh = enabled and (not run.exists() or not any(run.path.iterdir()))
+    try:
+        yield
+    except BaseException as exc:
+        if not enabled:
+            raise
+        undone = ""
+        if (fresh or moved_aside is not None) and run.exists() and not _training_began(run):
+            shutil.rmtree(run.path, ignore_errors=True)
+            if moved_aside is not None:
+                os.replace(moved_aside, run.path)
+                undone = f"; the previous run was moved back to {run.path}"
+        if _disk_full(exc, run.path):
+            where = getattr(exc, "filename", None) or run.path
+            raise StorageError(f"no space left on device writing {where}; free some space and run the same "
+                               f"command again{undone or ' (training resumes from the last checkpoint)'}") from exc
+        if isinstance(exc, OSError):
+            raise StorageError(os_error_message(exc, exc.filename or run.path) + undone) from exc
+        if undone:
+            logger.warning("the start failed%s", undone)
+        raise

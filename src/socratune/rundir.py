@@ -24,19 +24,22 @@ either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import RunDirError
+from .errors import RunDirError, StorageError, os_error_message
 
 CONFIG_YAML = "config.yaml"
 TRAINING_CONFIG = "training_config.json"
@@ -109,6 +112,21 @@ def match_umask(tree: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def reports_storage_errors(write: Callable[..., None]) -> Callable[..., None]:
+    """Turn an OSError met while writing the path given first (disk full, read-only, a file in the
+    way) into a StorageError that names that path and says what to do."""
+
+    @functools.wraps(write)
+    def wrapped(path: Path, *args: Any, **kwargs: Any) -> None:
+        try:
+            write(path, *args, **kwargs)
+        except OSError as exc:
+            raise StorageError(os_error_message(exc, path)) from exc
+
+    return wrapped
+
+
+@reports_storage_errors
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename;
     the file gets the user's umask, like any other file the user writes."""
@@ -192,7 +210,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         recorded = manifest["files"]
     except FileNotFoundError:
         return "no manifest.json (checkpoint writing did not finish)"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "manifest.json is unreadable"
     for name in CHECKPOINT_REQUIRED:
         if name not in recorded:
@@ -214,7 +232,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         global_step = int(state["global_step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "trainer_state.json does not parse"
     if not (global_step == step == manifest.get("step")):
         return f"step numbers disagree: directory {step}, trainer state {global_step}, manifest {manifest.get('step')}"
@@ -277,7 +295,7 @@ class RunDir:
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
             return json.loads((self.path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return None
 
     def summary(self) -> dict[str, Any] | None:
@@ -304,53 +322,114 @@ class RunDir:
         except (FileNotFoundError, yaml.YAMLError, KeyError, TypeError, ValueError):
             return 0.0
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
     def lock_holder(self) -> int | None:
-        """The pid of a live process holding this run's lock, or None."""
-        return _lock_holder(self.path / LOCK)
+        """The pid of the process holding this run's lock (0 when it has not written its record
+        yet), or None when the run is free."""
+        holder = _lock_holder(self.lock_path)
+        return None if holder is None else holder.pid
+
+    def refuse_if_locked(self) -> None:
+        """Raise RunDirError, naming the holder and the lock file, while another process writes this run."""
+        holder = _lock_holder(self.lock_path)
+        if holder is not None:
+            raise RunDirError(holder.in_use_message(self.path, self.lock_path))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the single-writer lock; a lock left by a dead process is taken over."""
-        lock_path = self.path / LOCK
-        self.path.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        """Hold the single-writer lock for the ``with`` block: an exclusive ``flock`` on RUN/.lock.
+
+        The kernel releases a flock when its process dies, however it dies, so a lock left by a
+        killed run frees itself; the pid and host recorded inside only serve the messages. A
+        record written by another host is respected (flock does not reach across NFS hosts).
+        """
+        lock_path = self.lock_path
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(os_error_message(exc, self.path, "creating")) from exc
+        while True:
             try:
-                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = _lock_holder(lock_path)
-                if holder is not None:
-                    raise RunDirError(f"{self.path} is in use by process {holder}; wait for it or stop it") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock_path)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
-            break
-        else:
-            raise RunDirError(f"could not take the lock {lock_path}")
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RunDirError(os_error_message(exc, lock_path, "creating")) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = _read_holder(lock_path) or LockHolder(0, socket.gethostname())
+                raise RunDirError(holder.in_use_message(self.path, lock_path)) from None
+            # A releasing holder unlinks the file after we opened it: our flock is then on a file
+            # nobody else can see, so start again on the current one.
+            try:
+                same_file = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)
+        try:
+            recorded = _read_holder(lock_path)
+            if recorded is not None and recorded.host != socket.gethostname():
+                raise RunDirError(recorded.in_use_message(self.path, lock_path))
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock_path)
+                os.unlink(lock_path)  # unlinked while still locked: see the inode check above
+            os.close(fd)
 
 
-def _lock_holder(lock_path: Path) -> int | None:
-    """The pid holding ``lock_path`` if that process is alive on this host, else None."""
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int  # 0: the holder has taken the lock but not yet written its record
+    host: str
+
+    def in_use_message(self, run_path: Path, lock_path: Path) -> str:
+        if self.host != socket.gethostname():
+            return (f"{run_path} is in use by process {self.pid} on host {self.host} (lock file {lock_path}); "
+                    f"if no socratune process on {self.host} uses this run any more, delete {lock_path}")
+        who = f"process {self.pid}" if self.pid else "another process"
+        return (f"{run_path} is in use by {who} (it holds the lock on {lock_path}); wait for it or stop it; "
+                "the lock frees itself when that process ends")
+
+
+def _read_holder(lock_path: Path) -> LockHolder | None:
+    """The pid and host recorded in ``lock_path``, or None when it holds no readable record."""
     try:
         record = json.loads(lock_path.read_text(encoding="utf-8"))
-        pid, host = int(record["pid"]), record.get("host")
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return LockHolder(int(record["pid"]), str(record.get("host") or socket.gethostname()))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if host != socket.gethostname():
-        return pid  # another machine's process: we cannot tell it is dead, so respect it
+
+
+def _lock_holder(lock_path: Path) -> LockHolder | None:
+    """Who holds ``lock_path``: found by probing the flock on this host; a record from another host
+    is taken at its word."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
         return None
-    except PermissionError:
-        return pid
-    return pid
+    try:
+        # A shared probe: a writer taking the lock this instant is not refused because of it.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(lock_path) or LockHolder(0, socket.gethostname())
+    finally:
+        os.close(fd)
+    recorded = _read_holder(lock_path)
+    if recorded is not None and recorded.host != socket.gethostname():
+        return recorded
+    return None  # left by a process that has ended: the next writer takes it over
 
 
 def run_status(run: RunDir) -> dict[str, Any]:

@@ -189,3 +189,27 @@ def split_for_run(split_path: Path, dialogues: list[Dialogue], seed: int, train_
                               "use the original data, or --overwrite to start a new run")
         return split
     return split_dialogues(dialogues, seed, train_frac, eval_cap)
+
+
+def require_eval_dialogues(dialogues: list[Dialogue], seed: int, train_frac: float, eval_cap: int,
+                           source: str) -> None:
+    """Refuse data whose split leaves nothing to evaluate on: training selects the best model by
+    eval loss and scores eval replies for style, so it needs at least one eval dialogue.
+
+    ``validate`` and ``train`` both call this (through ``prepare_examples``), so a file that
+    validates trains, and a file that cannot train is refused before anything is written.
+    """
+    split = split_dialogues(dialogues, seed, train_frac, eval_cap)
+    if split.eval:
+        return
+    if train_frac >= 1:
+        why = "data.train_frac is 1.0, so every dialogue goes to training; set it below 1 (e.g. 0.8)"
+    elif eval_cap == 0:
+        why = "data.eval_cap is 0; set it to 1 or more"
+    elif len(_groups(dialogues)) < 2:
+        why = (f"all {len(dialogues)} usable dialogue(s) share their questions (dialogues that share a user turn "
+               "stay on one side of the split, so an eval question is never trained on); add dialogues that "
+               "ask other questions")
+    else:
+        why = f"data.eval_cap {eval_cap} is smaller than every group of dialogues left for evaluation; raise it"
+    raise DataError(f"{source}: the train/eval split leaves no dialogue to evaluate on: {why}")

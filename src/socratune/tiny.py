@@ -11,8 +11,12 @@ Everything is a pure function of the seed and the bundled text: two builds are i
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
+
+from .errors import StorageError, os_error_message
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -112,4 +116,42 @@ def save_tiny(directory: Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+# What a complete saved tiny model holds; config.json must also parse.
+TINY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def tiny_is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole saved tiny model (not one a killed process left half written)."""
+    if not all((directory / name).is_file() for name in TINY_FILES):
+        return False
+    try:
+        return isinstance(json.loads((directory / "config.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def materialize_tiny(directory: Path, seed: int = 0) -> Path:
+    """Save the tiny model at ``directory`` unless a complete one is there; never leave half of one.
+
+    The model is saved into a temporary sibling that is renamed into place, so a kill at any
+    moment leaves either no ``directory`` or a complete one. A directory an older version left
+    incomplete is rebuilt: the tiny model is a pure function of the seed, nothing is lost.
+    """
+    from .rundir import replace_dir_atomic
+
+    if tiny_is_complete(directory):
+        return directory
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            save_tiny(staged, seed)
+            replace_dir_atomic(staged, directory)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    except OSError as exc:
+        raise StorageError(os_error_message(exc, directory, "saving the tiny base model in")) from exc
     return directory

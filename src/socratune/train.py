@@ -51,7 +51,7 @@ from .modeling import (
     resolve_model_source,
 )
 from .progress import ProgressCallback
-from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
+from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start, start_guard
 from .rundir import (
     CONFIG_YAML,
     LOG,
@@ -158,7 +158,7 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     logger.info(report.summary())
     moved_aside = ranks.decide(partial(_move_aside_for_overwrite, run, overwrite))
 
-    with contextlib.ExitStack() as held:
+    with start_guard(run, moved_aside, enabled=ranks.is_main), contextlib.ExitStack() as held:
         # 3. The run directory (main process): lock, config, rejected rows and the split on disk
         #    before training; then every process reads the persisted split.
         ranks.decide(partial(_hold_lock, held, run))
