@@ -69,6 +69,8 @@ class EndpointError(SocratuneError):
 class EndpointUnreachable(EndpointError):
     """The endpoint did not answer when a command started: nothing was sent or written yet."""
 
+    exit_code = 2
+
 
 class StorageError(SocratuneError):
     """A file or directory could not be written or read: disk full, read-only, a file in the way.
