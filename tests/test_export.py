@@ -10,6 +10,7 @@ import pytest
 
 from socratune.cli import main
 from socratune.errors import ModelError
+from socratune.rundir import RunDir
 
 PROMPT = [{"role": "user", "content": "幸福とは何でしょうか？"}]
 
@@ -107,7 +108,8 @@ def test_export_refuses_to_overwrite_without_force(default_run, tmp_path, capsys
     assert "pass --force" in capsys.readouterr().err
     assert (taken / "precious.txt").read_text() == "keep me" and existing.read_bytes() == b"not yours"
 
-    assert main(["export", str(default_run), "--merged", str(taken), "--force", "--checkpoint", "checkpoint-80"]) == 0
+    oldest = RunDir(default_run).checkpoints()[0].name  # which ones are kept depends on train.select
+    assert main(["export", str(default_run), "--merged", str(taken), "--force", "--checkpoint", oldest]) == 0
     assert (taken / "config.json").exists() and not (taken / "precious.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
 

@@ -326,8 +326,10 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     selected = select_step(state.log_history, config.train.select, state.global_step, checkpoints)
     built.model.save_pretrained(run.staging_dir, state_dict=adapter_state)
     if selected.step != state.global_step:
-        # The checkpoint's adapter file holds exactly the weights of that step.
-        shutil.copy2(checkpoints[selected.step] / SAFETENSORS_WEIGHTS_NAME, run.staging_dir / SAFETENSORS_WEIGHTS_NAME)
+        # The checkpoint's adapter file holds exactly the weights of that step; copyfile keeps the
+        # mode save_pretrained gave the staged file.
+        shutil.copyfile(checkpoints[selected.step] / SAFETENSORS_WEIGHTS_NAME,
+                        run.staging_dir / SAFETENSORS_WEIGHTS_NAME)
     job.tokenizer.save_pretrained(run.staging_dir)
     replace_dir_atomic(run.staging_dir, run.adapter_dir)
     logger.info("final adapter: the weights of step %d (train.select: %s)", selected.step, config.train.select)
