@@ -76,6 +76,7 @@ FEATURES: dict[str, dict[str, int]] = {
     },
     "logic": {
         "unknown_words": -1,  # share of words the dictionary does not know (full at 30%)
+        "garbled": -1,  # a U+FFFD or a kanji outside JIS X 0208 (any)
         "broken_grammar": -1,  # conjugations and particles that cannot follow what precedes
         "repetition": -1,  # repeated sentences and 4-word windows (a loop)
         "stutter": -1,  # a word said again at once (full at four)
