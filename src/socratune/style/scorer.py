@@ -6,8 +6,8 @@ steps, kept apart so that the second can be refitted to a user's own judge:
 
 1. **Features** (code, here): per axis a handful of general measurements in [0, 1] — the share
    of sentences with a Socratic ending, the share of polite text, whether and how much the reply
-   asks, lecturing markers, format breakers, loops, unknown words, broken grammar, overlap with
-   the prompt. ``profile.FEATURES`` lists them with the sign each may take.
+   asks, lecturing markers, format breakers, loops, unknown words, garbled characters, broken
+   grammar, overlap with the prompt. ``profile.FEATURES`` lists them with the sign each may take.
 2. **Combination** (data, the profile's ``combine`` section): axis = clip(intercept + sum of
    weight * feature, 0, 4). ``socratune calibrate`` fits these weights to judge ratings
    (``calibrate.py``); the shipped weights are round numbers set by reading the judge's rubric
