@@ -83,6 +83,7 @@ FEATURES: dict[str, dict[str, int]] = {
         "fragment": -1,  # stops mid-sentence
         "too_short": -1,  # 1 - words / 12 for fewer than twelve words
         "no_predicate": -1,  # no verb, adjective, copula or final particle
+        "says_nothing": -1,  # not one content word (a noun, verb, adjective beyond the stop lemmas)
         "off_topic": -1,  # takes up none of the prompt's content words
         "echo": -1,  # says the user's message back
     },

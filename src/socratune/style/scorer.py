@@ -499,7 +499,7 @@ class StyleScorer:
                notes: list[str]) -> dict[str, float]:
         morphs = [m for s in sentences for m in s.morphs if m.pos[0] not in _SKIP]
         f = dict.fromkeys(("unknown_words", "garbled", "broken_grammar", "repetition", "stutter", "fragment",
-                           "too_short", "no_predicate", "off_topic", "echo"), 0.0)
+                           "too_short", "no_predicate", "says_nothing", "off_topic", "echo"), 0.0)
         if len(morphs) < 12:
             # A few words rarely answer anything; graded, since そうなのかね？ is a reply too.
             f["too_short"] = 1 - len(morphs) / 12
@@ -508,6 +508,12 @@ class StyleScorer:
         if not any(m.pos[0] in ("動詞", "形容詞", "助動詞", "形状詞") or m.pos[1] == "終助詞" for m in morphs):
             f["no_predicate"] = 1.0
             notes.append("no predicate (verb, adjective, copula or final particle)")
+        # A reply names what it is about: one word is enough (では君は、幸福とは何だと考えるのかね？).
+        # The tiny model's well-formed salad (ふむ、君は何をするものかね？) names nothing: one in
+        # eight of its replies has no content word, none of 600 real Socrates turns.
+        if not self._content(sentences):
+            f["says_nothing"] = 1.0
+            notes.append("names no content word (about nothing)")
         tail = sentences[-1].morphs[-1]
         if not sentences[-1].closer and not (tail.pos[1] == "終助詞" or tail.pos[0] in ("感動詞", "接続詞")
                                              or tail.pos[5].startswith(("終止形", "命令形"))):
