@@ -338,3 +338,12 @@ def test_real_socratic_replies_keep_high_logic(scorer, text, prompt):
 def test_salad_signals_are_named(scorer, text, evidence):
     """Each new signal, on a reply broken in that one way, and named as the reader would."""
     assert evidence in scorer.score(text).explanations
+
+
+def test_a_chinese_sentence_is_another_language_not_a_garbled_word(scorer):
+    # 这问题 are outside JIS X 0208 like the tiny model's 兛, but they come as a run: Chinese,
+    # which format lowers; logic reads the Japanese around it as before.
+    plain = scorer.score(SOCRATIC, PROMPT)
+    mixed = scorer.score(SOCRATIC + "这是一个好问题。", PROMPT)
+    assert mixed.format < plain.format and mixed.features["logic"]["garbled"] == 0.0
+    assert not any(e.startswith("kanji outside") for e in mixed.explanations)

@@ -166,6 +166,7 @@ _ENGLISH_RUN = re.compile(
     r"[ \t\u3000]*[A-Za-zＡ-Ｚａ-ｚ]+(?:(?:['’\-]|[ \t]+)[A-Za-zＡ-Ｚａ-ｚ]+)*[ \t\u3000]*")
 _FOREIGN = re.compile("[\u0370-\u03FF\u0400-\u04FF\u0590-\u06FF\u0900-\u097F\u0E00-\u0E7F\u1100-\u11FF\uAC00-\uD7AF]+")
 _HAN = re.compile("[\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]")
+_HAN_RUN = re.compile("[\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]+")
 # Three or more of one punctuation mark (。。。。, ？？？, ーーーー): noise, not Japanese prose.
 _PUNCT_RUN = re.compile(r"([。、，．？！?!・ー―─])\1{2,}")
 
@@ -214,6 +215,20 @@ _MARKDOWN = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__|```|^[ \t]{0,3}(?:#{1,6}[ \
                        re.MULTILINE)
 _REPLACEMENT = "\ufffd"  # what an invalid byte sequence decodes to
 _GARBLED = re.compile(f"{_REPLACEMENT}+")  # one run of U+FFFD is one unreadable spot
+
+
+def _stray_kanji(text: str) -> str:
+    """Kanji outside JIS X 0208 standing alone among kana (どちらが兛られる): a garbled word.
+
+    A run of Han with two or more of them (这是一个好问题) is Chinese, another language, which
+    is format's concern, not a garbled Japanese word."""
+    found = []
+    for run in _HAN_RUN.findall(text):
+        odd = [c for c in run if not _everyday_kanji(c)]
+        if len(odd) == 1:
+            found.extend(odd)
+    return "".join(dict.fromkeys(found))
+
 
 
 def _closes_at_end(body: str, opener: str, closer: str) -> bool:
@@ -307,8 +322,7 @@ class StyleScorer:
             return {"format": feats["format"]}, notes
         not_japanese = feats["format"]["not_japanese"]
         # Counted on the raw text: the analysis text has U+FFFD and non-Japanese Han removed.
-        garbled = (len(_GARBLED.findall(text)),
-                   "".join(dict.fromkeys(c for c in _HAN.findall(text) if not _everyday_kanji(c))))
+        garbled = (len(_GARBLED.findall(text)), _stray_kanji(text))
         feats["logic"] = self._logic(sentences, clean, prompt, garbled, notes)
         logic_model = self.profile.combine.logic.weights
         lost = sum(-logic_model.get(k, 0.0) * feats["logic"][k] for k in _DEGENERATE)
