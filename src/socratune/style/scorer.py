@@ -230,7 +230,6 @@ def _stray_kanji(text: str) -> str:
     return "".join(dict.fromkeys(found))
 
 
-
 def _closes_at_end(body: str, opener: str, closer: str) -> bool:
     """Whether the opener at the start is closed by the closer at the very end (and not before)."""
     depth, i = 0, 0
@@ -611,9 +610,9 @@ _CASE_PAIRS = frozenset({"へと", "からと", "からへ", "までを"})
 
 # A particle needs a word before it. After 、 the tiny model writes one (は、も、 / 、、も) where
 # real text has a conjunction (で of では, と of と、, which Sudachi tags as particles): in 1,800
-# turns of the shared real dialogues another particle right after 、 came up 4 times (none a case
-# or binding particle), in the tiny model's replies once in 25. At a sentence start it is not counted: Gemma's stray
-# closing line "かね？" reads to the external judge as a slip of format, not of logic.
+# turns of the shared real dialogues another particle right after 、 came up 4 times (one a case
+# particle, に), in the tiny model's replies once in 25. At a sentence start it is not counted:
+# Gemma's stray closing line "かね？" reads to the external judge as a slip of format, not of logic.
 _OPENING_PARTICLES = frozenset({"で", "と"})
 # Case and binding particles only: など, か after 、 quote what went before (〜のか、などから).
 _CLAUSE_PARTICLES = (("助詞", "格助詞"), ("助詞", "係助詞"))
