@@ -2,9 +2,9 @@
 
 Run from the repository root (needs ``../shared/data``; says so and stops when it is missing)::
 
-    python benchmarks/style_v2.py [--data ../shared/data] [--limit N] [--output style_v2.json]
+    python benchmarks/style_v2.py [--data ../shared/data] [--limit N] [--output style_v2.json] [--replies F.jsonl ...]
 
-Three measurements, each labelled by the data it stands on:
+Three measurements (four with ``--replies``), each labelled by the data it stands on:
 
 1. **Judge agreement, development half** (``judged_dev_ja.jsonl``: 72 replies rated by the
    reference project's external LLM judge): Spearman per axis of the shipped profile on all
@@ -18,6 +18,8 @@ Three measurements, each labelled by the data it stands on:
    (for 「…」: the share whose tone stays within 0.25, since quoting is not a change of voice).
    The edits are ours, the replies are not.
 3. **Speed**: replies/s scoring every Socrates turn with its user turn, one process.
+4. With ``--replies FILE...``: mean scores of model replies written by ``socratune generate``
+   (the tiny model's word salad at several checkpoints and temperatures; our own generated data).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from socratune.style import AXES, StyleScorer, load_profile
-from socratune.style.calibrate import calibrate, read_judged, spearman
-from socratune.style.scorer import _tokenizer
+from socratune.style import AXES, StyleScorer, load_profile  # noqa: E402 (after the sys.path line)
+from socratune.style.calibrate import calibrate, read_judged, spearman  # noqa: E402
+from socratune.style.scorer import _tokenizer  # noqa: E402
 
 POLITE = [("のかね", "のですか"), ("かね", "ですか"), ("だろうか", "でしょうか"), ("だね", "ですね"),
           ("だよ", "ですよ"), ("のだ。", "のです。"), ("だ。", "です。"), ("君", "あなた"), ("かな", "でしょうか")]
@@ -88,6 +90,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
     parser.add_argument("--limit", type=int, default=400, help="replies to edit (all are timed)")
     parser.add_argument("--output", help="write the figures here as JSON")
+    parser.add_argument("--replies", nargs="*", type=Path, default=[],
+                        help="`socratune generate --output` JSONL files (e.g. the tiny model's replies at several "
+                             "checkpoints): mean scores per file, the word-salad check")
     args = parser.parse_args()
     shared = args.data
     if not (shared / "socratic_dialogues_ja.json").exists():
@@ -95,6 +100,12 @@ def main() -> int:
         return 0
     scorer = StyleScorer(load_profile())
     out: dict = {}
+    for path in args.replies:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        scored = [scorer.score(r["text"], r.get("prompt")) for r in rows]
+        out.setdefault("generated_replies_mean", {})[path.name] = {
+            "replies": len(rows), **{a: round(sum(getattr(s, a) for s in scored) / len(scored), 3)
+                                     for a in (*AXES, "overall")}}
 
     judged = shared / "judged_dev_ja.jsonl"
     if judged.exists():

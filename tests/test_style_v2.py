@@ -45,7 +45,8 @@ def scorer() -> StyleScorer:
 # --- failure classes -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wrapped", [f"「{SOCRATIC}」", f"{{{{「{SOCRATIC}」}}}}", f"「{SOCRATIC}", f"  「{SOCRATIC}」 "])
+@pytest.mark.parametrize("wrapped", [f"「{SOCRATIC}」", f"{{{{「{SOCRATIC}」}}}}", f"「{SOCRATIC}",
+                                     f"  「{SOCRATIC}」 "])
 def test_whole_reply_quotes_are_unwrapped_and_read_as_the_replys_own_speech(scorer, wrapped):
     plain, quoted = scorer.score(SOCRATIC, PROMPT), scorer.score(wrapped, PROMPT)
     assert quoted.tone == plain.tone and quoted.approach == plain.approach and quoted.logic == plain.logic
@@ -100,7 +101,8 @@ def test_lecturing_without_a_question_gets_low_approach(scorer):
     ("<b>" + SOCRATIC + "</b>", "markup '<b>'"),
     ("## 幸福について\n" + SOCRATIC, "markup '##'"),
     ("なるほど。  では君は、幸福とは  何だと考えるのかね？", "2 run(s) of spaces inside the text"),
-    ("なるほど。では君は、幸\ufffd\ufffdとは何だと考えるのかね？", "2 U+FFFD replacement character(s) (an invalid byte sequence)"),
+    ("なるほど。では君は、幸\ufffd\ufffdとは何だと考えるのかね？",
+     "2 U+FFFD replacement character(s) (an invalid byte sequence)"),
 ])
 def test_format_breakers_lower_format_and_are_named(scorer, text, evidence):
     s = scorer.score(text, PROMPT)
@@ -109,10 +111,14 @@ def test_format_breakers_lower_format_and_are_named(scorer, text, evidence):
     assert not any("unknown to the dictionary" in e for e in s.explanations)
 
 
-def test_replacement_characters_cost_format_not_logic(scorer):
+def test_replacement_characters_cost_format_and_logic(scorer):
+    # A U+FFFD where a character should be leaves a word no reader can read: a format slip and
+    # a garbled spot for logic (named), though every other word is fine.
     clean = scorer.score(SOCRATIC, PROMPT)
     broken = scorer.score(SOCRATIC.replace("幸福", "幸\ufffd"), PROMPT)
     assert broken.format <= clean.format - 1.0 and broken.features["format"]["replacement_char"] == 1.0
+    assert broken.logic <= clean.logic - 1.0
+    assert "1 garbled spot(s) (U+FFFD) where characters should be" in broken.explanations
 
 
 def test_features_are_in_unit_range_and_named_by_the_profile_schema(scorer):
@@ -280,3 +286,64 @@ def test_calibrate_never_overwrites_an_existing_profile(tmp_path, scorer):
     existing.write_text("keep me\n", encoding="utf-8")
     assert main(["calibrate", str(judged), "--output", str(existing)]) == 2
     assert existing.read_text(encoding="utf-8") == "keep me\n"
+
+
+# --- word salad the tiny model really wrote --------------------------------------------------
+
+# tests/data/tiny_salad_ja.jsonl: replies of the default tiny run (`socratune train`, then
+# `socratune generate` at checkpoint-160 and 320 greedy, and the final adapter at temperature
+# 1.0) to prompts from the shared dialogues; model output, not the team's writing. The prompt
+# below is ours and shares no content word with them, as the shared prompts did not.
+SALAD_PROMPT = "仕事で成功することが本当の幸せだと思うのですが、どうでしょうか。"
+TINY_SALAD = [json.loads(line) for line in
+              (Path(__file__).parent / "data" / "tiny_salad_ja.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("row", TINY_SALAD, ids=[r["id"] for r in TINY_SALAD])
+def test_tiny_model_word_salad_gets_low_logic_whatever_its_endings(scorer, row):
+    s = scorer.score(row["text"], SALAD_PROMPT)
+    assert s.logic <= 1.5, (row["text"], s.explanations)
+    if "names no content word (about nothing)" not in s.explanations:
+        # Not language: tone and approach fall too (degenerate). A well-formed reply about
+        # nothing keeps its Socratic tone; only logic says it answers nothing.
+        assert s.overall <= 2.5
+    # Named: a reader can see why (garbled, broken grammar, a loop, or about nothing).
+    assert any(e.startswith(("broken grammar", "kanji outside", "1 garbled", "2 garbled", "names no content"))
+               or "(loop)" in e for e in s.explanations), s.explanations
+
+
+@pytest.mark.parametrize(("text", "prompt"), [
+    (SOCRATIC, PROMPT),
+    ("なるほど、幸福は心の満足だと君は言うのだね。では、その満足はどこから来るのかね？", PROMPT),
+    ("面白い。君の言う「正しさ」は、誰が決めるのだね？", "正しさは社会が決めるものだと思います。"),
+    ("その「不便」や「苦労」とは、誰にとってのものなのかね？", "人は不便や苦労を解消したいのです。"),
+    ("では聞くが、その満たされる感覚そのものを、君は求めているのだろうか？",
+     "人のために行動すると心が満たされる感覚があります。"),
+    ("物事を自由に結びつける能力、か。では、それは必ずユーモアを生むのかね？",
+     "ユーモアとは物事を自由に結びつける能力です。"),
+])
+def test_real_socratic_replies_keep_high_logic(scorer, text, prompt):
+    s = scorer.score(text, prompt)
+    assert s.logic >= 3.0, s.explanations
+    assert not any(e.startswith(("broken grammar", "kanji outside")) or "garbled" in e for e in s.explanations)
+
+
+@pytest.mark.parametrize(("text", "evidence"), [
+    ("ふむ、君は、も、何を感じているのかね？", "broken grammar: '、も' (particle with no word before it)"),
+    ("では、、君は何を守るのかね？", "broken grammar: '、、' (an empty clause between commas)"),
+    ("ふむ、そのまたは、何が大切なのかね？", "broken grammar: 'そのまた' (その/この with nothing to modify)"),
+    ("どちらが兛られるかね？", "kanji outside everyday Japanese (JIS X 0208): 兛"),
+    ("ふむ、君は何をするものかね？", "names no content word (about nothing)"),
+])
+def test_salad_signals_are_named(scorer, text, evidence):
+    """Each new signal, on a reply broken in that one way, and named as the reader would."""
+    assert evidence in scorer.score(text).explanations
+
+
+def test_a_chinese_sentence_is_another_language_not_a_garbled_word(scorer):
+    # 这问题 are outside JIS X 0208 like the tiny model's 兛, but they come as a run: Chinese,
+    # which format lowers; logic reads the Japanese around it as before.
+    plain = scorer.score(SOCRATIC, PROMPT)
+    mixed = scorer.score(SOCRATIC + "这是一个好问题。", PROMPT)
+    assert mixed.format < plain.format and mixed.features["logic"]["garbled"] == 0.0
+    assert not any(e.startswith("kanji outside") for e in mixed.explanations)

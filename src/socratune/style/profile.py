@@ -76,12 +76,14 @@ FEATURES: dict[str, dict[str, int]] = {
     },
     "logic": {
         "unknown_words": -1,  # share of words the dictionary does not know (full at 30%)
+        "garbled": -1,  # a U+FFFD or a kanji outside JIS X 0208 (any)
         "broken_grammar": -1,  # conjugations and particles that cannot follow what precedes
         "repetition": -1,  # repeated sentences and 4-word windows (a loop)
         "stutter": -1,  # a word said again at once (full at four)
         "fragment": -1,  # stops mid-sentence
         "too_short": -1,  # 1 - words / 12 for fewer than twelve words
         "no_predicate": -1,  # no verb, adjective, copula or final particle
+        "says_nothing": -1,  # not one content word (a noun, verb, adjective beyond the stop lemmas)
         "off_topic": -1,  # takes up none of the prompt's content words
         "echo": -1,  # says the user's message back
     },
