@@ -26,6 +26,7 @@ from typing import Any
 from .errors import ConfigError, SocratuneError, TrainingInterrupted, os_error_message
 
 EXIT_BAD_INPUT = 2
+MAX_SKIPPED_SHOWN = 10  # score's unusable lines named one by one; the rest counted
 
 
 def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
@@ -123,21 +124,26 @@ def cmd_prefs(args: argparse.Namespace) -> int:
 
     from .errors import DataError
     from .generate import GenParams, read_prompts
-    from .modeling import load_for_inference, resolve_run_model
-    from .prefs import make_pairs, ranking_weights, training_prompts
+    from .modeling import load_for_inference
+    from .prefs import finished_run_config, make_pairs, ranking_weights, training_prompts
     from .rundir import write_text_atomic
     from .style import StyleScorer, load_profile
 
-    recorded = resolve_run_model(args.run_dir).config  # ModelError when RUN is not a run directory
+    recorded = finished_run_config(args.run_dir)  # not resolve_run_model: that builds a tiny run's base in RUN/base
     prefs = recorded.prefs
     samples = args.samples if args.samples is not None else prefs.samples
     if samples < 2:
-        raise ConfigError(f"--samples must be at least 2 (a pair needs two replies), not {samples}")
+        raise ConfigError(f"--samples must be at least 2 (a pair needs two replies), not {samples}", key="--samples")
     if bool(args.judge) != bool(args.judge_model):
         raise ConfigError("--judge URL and --judge-model NAME go together")
     output = Path(args.output)
-    if output.exists() and not args.force:
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory; give a file name such as pairs.jsonl", key="--output")
+    if (output.exists() or output.is_symlink()) and not args.force:
         raise ConfigError(f"{output} exists; choose another --output or add --force to replace it")
+    if not output.parent.is_dir():  # found now, not after every reply is sampled
+        what = "is not a directory" if output.parent.exists() else "does not exist"
+        raise ConfigError(f"--output {output}: its folder {output.parent} {what}", key="--output")
     prompts = ([i.messages for i in read_prompts(args.prompts)] if args.prompts
                else training_prompts(args.run_dir))
     if args.limit:
@@ -340,9 +346,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 0
     from .client import ChatClient
     from .synth import KEY_VARIABLES, SynthRequest, synth
+    from .synth.run import check_counts
 
     if not args.output:
         raise ConfigError("synth needs --output FILE (or --status FILE)", key="--output")
+    check_counts(args.dialogues, args.turns, args.concurrency)  # named one by one, before the clients check them
+    if not 0 < args.timeout < float("inf"):
+        raise ConfigError(f"--timeout must be a number of seconds above 0, not {args.timeout}", key="--timeout")
+    if args.retries < 0:
+        raise ConfigError(f"--retries must be 0 or more, not {args.retries}", key="--retries")
     clients = {}
     for role in ("student", "socrates"):
         url = getattr(args, f"{role}_url") or args.url
@@ -437,10 +449,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         for record in records:
             print(json.dumps(record, ensure_ascii=False))
-    for message in bad_lines:
-        print(f"skipped {message}", file=sys.stderr)
+    for message in bad_lines[:MAX_SKIPPED_SHOWN]:
+        print(f"skipped {message[:300]}", file=sys.stderr)
+    if len(bad_lines) > MAX_SKIPPED_SHOWN:
+        print(f"skipped {len(bad_lines) - MAX_SKIPPED_SHOWN} more lines", file=sys.stderr)
     print(format_summary_table(summary, len(records)), file=sys.stderr)
-    return EXIT_BAD_INPUT if bad_lines and not records else 0
+    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from ..errors import (
     EndpointFailed,
     EndpointLost,
     SynthInterrupted,
+    quote_capped,
 )
 from ..rundir import RunDir, write_json_atomic
 from .conversation import Conversation, Dropped, converse
@@ -180,23 +181,46 @@ def vars_of(request: SynthRequest) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in request.__dict__.items()}
 
 
+MAX_COUNTS = {"--dialogues": 10_000_000, "--turns": 1_000, "--concurrency": 1_024}  # beyond: a typo, not a plan
+
+
+def check_counts(dialogues: int, turns: int, concurrency: int) -> None:
+    """Each count from 1 to its ceiling, named in the error; checked before any request."""
+    for flag, value in (("--dialogues", dialogues), ("--turns", turns), ("--concurrency", concurrency)):
+        if not 1 <= value <= MAX_COUNTS[flag]:
+            raise ConfigError(f"{flag} must be a whole number from 1 to {MAX_COUNTS[flag]}, not {quote_capped(value)}",
+                              key=flag)
+
+
+def check_output(output: Path) -> None:
+    """``--output`` names a file whose folder exists: a directory, a folder that is a file or is
+    missing fail here, before any request is made and before anything is written."""
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory; give a file name such as data.jsonl", key="--output")
+    folder = output.parent
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise ConfigError(f"--output {output}: its folder {folder} {what}", key="--output")
+
+
 def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judge: Any = None,
           on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Generate, filter and append dialogues until ``request.dialogues`` are done; the summary."""
-    if request.dialogues < 1 or request.turns < 1 or request.concurrency < 1:
-        raise ConfigError("--dialogues, --turns and --concurrency must be at least 1", key="--dialogues")
+    check_counts(request.dialogues, request.turns, request.concurrency)
     profile, profile_hash, source = load_synth_profile(request.config)
     thresholds = profile.filter
     min_overall = thresholds.min_overall if request.min_score is None else request.min_score
     if not 0 <= min_overall <= 4:
         raise ConfigError(f"--min-score must be between 0 and 4, got {min_overall}", key="--min-score")
     paths = SynthPaths.for_output(request.output)
-    if paths.output.is_dir():
-        raise ConfigError(f"--output {paths.output} is a directory; give a file name such as data.jsonl",
-                          key="--output")
+    check_output(paths.output)
     duplicates = NearDuplicates(thresholds.near_duplicate, thresholds.shingle_chars)
     for other in request.dedupe_against:
         report = load_dialogues(other)
+        if not report.kept:  # the wrong file, most likely: deduplicating against nothing would hide that
+            first = (f"{report.rejections[0].where()}: {report.rejections[0].message[:200]}" if report.rejections
+                     else "it is empty")
+            raise DataError(f"--dedupe-against {other} holds no usable dialogue; {first}")
         for dialogue in report.kept:
             duplicates.add(f"{other}#{dialogue.id}", dialogue_text(dialogue.messages()))
     for client in (student, socrates, *([judge] if judge is not None else [])):
