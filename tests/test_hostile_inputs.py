@@ -410,6 +410,8 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
         case(f"evaluate --profile: {label}", lambda n: ["evaluate", "run", "--profile", n], lambda n: n, inputs)
         case(f"train style.profile: {label}", lambda n: ["train", "--set", f"style.profile={n}", "--output", "out"],
              lambda n: n, inputs)
+        case(f"validate style.profile: {label}", lambda n: ["validate", "judged.jsonl", "--set", f"style.profile={n}"],
+             lambda n: n, inputs)
     case("score --profile: unknown name", lambda n: ["score", n, "--profile", "plato"], lambda n: "plato",
          lambda folder: _write(folder, "replies.jsonl", '{"text": "a"}\n'))
     case("score --profile: huge name", lambda n: ["score", n, "--profile", "p" * 5000], lambda n: "ppppp",
@@ -462,7 +464,10 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
 
     # synth: everything fails before any request and writes nothing.
     def synth(*extra: str) -> list[str]:
-        return ["synth", "--output", "out.jsonl", "--url", DEAD_URL, "--model", "m", *extra]
+        return synth_at("out.jsonl", *extra)
+
+    def synth_at(output: str, *extra: str) -> list[str]:
+        return ["synth", "--output", output, "--url", DEAD_URL, "--model", "m", *extra]
     for label in _synth_profile_inputs(probe("synth")):
         def inputs(folder: Path, label: str = label) -> str:
             return _synth_profile_inputs(folder)[label]
@@ -504,6 +509,25 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
             return output
         case(f"synth: {label}", lambda n: ["synth", "--output", n, "--url", DEAD_URL, "--model", "m"],
              lambda n: n.split("/")[0], inputs)
+    synth_line = {"messages": [], "meta": {"index": 0, "scores": {"style": dict.fromkeys(
+        ("tone", "approach", "format", "logic", "overall"), 2.0)}, "usage": {"requests": 1}}}
+    for label, content in {"no meta.scores": '{"meta": {"index": 0}}\n',
+                           "usage a string": json.dumps({**synth_line, "meta": {**synth_line["meta"],
+                                                                                 "usage": "x"}}) + "\n",
+                           "index a string": json.dumps({**synth_line, "meta": {**synth_line["meta"],
+                                                                                 "index": "0"}}) + "\n",
+                           "a list line": json.dumps(synth_line) + "\n[1]\n",
+                           "deep line": json.dumps(synth_line) + "\n" + "[" * 50_000 + "]" * 50_000 + "\n",
+                           "huge index": '{"meta": {"index": ' + "9" * 10_000 + "}}\n",
+                           "not UTF-8": b'{"meta": "caf\xe9"}\n'}.items():
+        case(f"synth --status: {label}", lambda n: ["synth", "--status", n], lambda n: n,
+             lambda folder, c=content: _write(folder, "out.jsonl", c))
+        case(f"synth --output over: {label}", lambda n: synth_at(n), lambda n: n,
+             lambda folder, c=content: _write(folder, "out.jsonl", c))
+    case("synth --status: FIFO", lambda n: ["synth", "--status", n], lambda n: n,
+         lambda folder: os.mkfifo(folder / "f.jsonl") or "f.jsonl")
+    case("synth --output: FIFO", lambda n: synth_at(n), lambda n: n,
+         lambda folder: os.mkfifo(folder / "f.jsonl") or "f.jsonl")
     case("synth --status: missing", lambda n: ["synth", "--status", n], lambda n: n, lambda folder: "none.jsonl")
     case("synth --status: a directory", lambda n: ["synth", "--status", n], lambda n: n,
          lambda folder: (folder / "d").mkdir() or "d")
@@ -567,3 +591,49 @@ def test_round1_commands_refuse_hostile_input_in_a_few_lines_without_traceback_o
     results = run_cases(cases, tmp_path)
     failures = failures_of(cases, before, results, max_lines=6)
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
+
+
+# The same classes in process, fast tier: the library raises the typed error the CLI turns into one line.
+
+@pytest.mark.parametrize("content", [BOMB, "name: caf\xe9\n".encode("latin-1"), "[" * 50_000 + "]" * 50_000,
+                                     "name: " + "9" * 10_000 + "\n", "- a\n", "fifo", "directory"])
+def test_a_style_profile_file_is_read_like_a_config_and_refused_naming_it(tmp_path, content):
+    from socratune.errors import ConfigError
+    from socratune.style import load_profile
+
+    path = tmp_path / "p.yaml"
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content == "directory":
+        path.mkdir()
+    else:
+        _write(tmp_path, "p.yaml", content)
+    with pytest.raises(ConfigError) as caught:
+        load_profile(str(path))
+    assert str(path) in str(caught.value) and len(str(caught.value)) < 500 and caught.value.key == "style.profile"
+
+
+def test_score_writes_nothing_and_keeps_an_old_output_when_no_line_scores(tmp_path):
+    from socratune.errors import DataError
+    from socratune.style import score_jsonl
+
+    src, out = tmp_path / "replies.jsonl", tmp_path / "scores.jsonl"
+    src.write_text('{"nope": 1}\n[1]\n' + '{"text": 3}\n' * 20, encoding="utf-8")
+    with pytest.raises(DataError, match="no usable reply.*nothing was written"):
+        score_jsonl(src, out)
+    assert not out.exists()
+    out.write_text("old\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        score_jsonl(src, out)
+    assert out.read_text(encoding="utf-8") == "old\n" and "and 17 more" in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[zz::1]/v1", "http://h:99999/v1", "http://h:port/v1",
+                                 "ftp://h/v1", "", "http://", "http://a b/v1", "h" * 5000])
+def test_a_url_that_cannot_be_parsed_is_a_config_error_naming_the_flag(url):
+    from socratune.client import split_url
+    from socratune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        split_url(url, "--url")
+    assert "--url" in str(caught.value) and len(str(caught.value)) < 400

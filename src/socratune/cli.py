@@ -122,6 +122,7 @@ def _preference_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_prefs(args: argparse.Namespace) -> int:
     import json
 
+    from .data import check_output_file
     from .errors import DataError
     from .generate import GenParams, read_prompts
     from .modeling import load_for_inference
@@ -137,13 +138,9 @@ def cmd_prefs(args: argparse.Namespace) -> int:
     if bool(args.judge) != bool(args.judge_model):
         raise ConfigError("--judge URL and --judge-model NAME go together")
     output = Path(args.output)
-    if output.is_dir():
-        raise ConfigError(f"--output {output} is a directory; give a file name such as pairs.jsonl", key="--output")
+    check_output_file(output, "--output")  # found now, not after every reply is sampled
     if (output.exists() or output.is_symlink()) and not args.force:
         raise ConfigError(f"{output} exists; choose another --output or add --force to replace it")
-    if not output.parent.is_dir():  # found now, not after every reply is sampled
-        what = "is not a directory" if output.parent.exists() else "does not exist"
-        raise ConfigError(f"--output {output}: its folder {output.parent} {what}", key="--output")
     prompts = ([i.messages for i in read_prompts(args.prompts)] if args.prompts
                else training_prompts(args.run_dir))
     if args.limit:
@@ -181,9 +178,11 @@ def _resume_command(run_dir: str) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data import write_rejections
     from .examples import load_tokenizer_for, prepare_examples
+    from .style import load_profile
 
     args.data = args.file
     config = _config_from_args(args)
+    load_profile(config.style.profile)  # what train refuses, validate refuses
     report, examples = prepare_examples(config, load_tokenizer_for(config))
     print(report.summary())
     if args.rejected:

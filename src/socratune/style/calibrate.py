@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ..data import jsonl_lines, read_text_file
+from ..data import check_output_file, jsonl_lines, read_text_file
 from ..errors import ConfigError, DataError, quote_capped
 from ..rundir import write_text_atomic
 from ..scores import AXES
@@ -237,9 +237,7 @@ def calibrate_file(judged_path: Path, profile: StyleProfile, output: Path, *, fo
     judged_path, output = Path(judged_path), Path(output)
     if output.exists() or output.is_symlink():
         raise DataError(f"{output} already exists; choose another --output or remove it first")
-    if not output.parent.is_dir():  # found now, not after the fit
-        what = "is not a directory" if output.parent.exists() else "does not exist"
-        raise DataError(f"--output {output}: its folder {output.parent} {what}")
+    check_output_file(output, "--output", DataError)  # found now, not after the fit
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}", key="--folds")
     rows = read_judged(judged_path)

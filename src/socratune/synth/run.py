@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import ChatClient
-from ..data import jsonl_lines, load_dialogues
+from ..data import check_output_file, jsonl_lines, load_dialogues, read_text_file
 from ..errors import (
     ConfigError,
     DataError,
@@ -76,22 +76,35 @@ def _repair_torn_tail(path: Path) -> None:
                    "dialogue will be generated again", path)
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a synth output file; a line that is not one is a DataError naming it."""
-    if not path.exists():
+def read_lines(path: Path, complete_only: bool = False) -> list[dict[str, Any]]:
+    """The JSON objects of a synth output file; a line that is not one is a DataError naming it.
+    ``complete_only`` leaves out a last line without a newline (a torn write a resume cuts off)."""
+    if not path.exists() and not path.is_symlink():
         return []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    text = read_text_file(path, "synth output")  # a directory, a FIFO, not UTF-8: one line naming it
+    if complete_only:
+        text = text[: text.rfind("\n") + 1]
     lines = []
     for number, record, error in jsonl_lines(text):
-        if error is not None or not isinstance(record, dict) or not isinstance(record.get("meta"), dict) \
-                or not isinstance(record["meta"].get("index"), int):
-            raise DataError(f"{path}:{number} is not a synth line (a JSON object with meta.index); "
-                            "fix or remove that line, then run the command again")
+        if error is not None or not _is_synth_line(record):
+            raise DataError(f"{path}:{number} is not a synth line (a JSON object with meta.index, meta.scores.style "
+                            "and meta.usage); fix or remove that line, then run the command again")
         lines.append(record)
     return lines
+
+
+def _is_synth_line(record: Any) -> bool:
+    """The fields the summary and a resume read, with their types: a hand-edited or foreign line
+    is refused by name rather than failing later inside the arithmetic."""
+    meta = record.get("meta") if isinstance(record, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("index"), int) or isinstance(meta["index"], bool):
+        return False
+    scores, usage = meta.get("scores"), meta.get("usage")
+    style = scores.get("style") if isinstance(scores, dict) else None
+    number = (int, float)
+    return (isinstance(style, dict) and isinstance(usage, dict) and isinstance(record.get("reason", ""), str)
+            and all(k in style and (style[k] is None or isinstance(style[k], number)) for k in AXES_AND_OVERALL)
+            and all(isinstance(v, number) for v in usage.values()))
 
 
 def _append(handle: Any, line: dict[str, Any]) -> None:
@@ -192,17 +205,6 @@ def check_counts(dialogues: int, turns: int, concurrency: int) -> None:
                               key=flag)
 
 
-def check_output(output: Path) -> None:
-    """``--output`` names a file whose folder exists: a directory, a folder that is a file or is
-    missing fail here, before any request is made and before anything is written."""
-    if output.is_dir():
-        raise ConfigError(f"--output {output} is a directory; give a file name such as data.jsonl", key="--output")
-    folder = output.parent
-    if not folder.is_dir():
-        what = "is not a directory" if folder.exists() else "does not exist"
-        raise ConfigError(f"--output {output}: its folder {folder} {what}", key="--output")
-
-
 def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judge: Any = None,
           on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Generate, filter and append dialogues until ``request.dialogues`` are done; the summary."""
@@ -213,7 +215,7 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
     if not 0 <= min_overall <= 4:
         raise ConfigError(f"--min-score must be between 0 and 4, got {min_overall}", key="--min-score")
     paths = SynthPaths.for_output(request.output)
-    check_output(paths.output)
+    check_output_file(paths.output, "--output")
     duplicates = NearDuplicates(thresholds.near_duplicate, thresholds.shingle_chars)
     for other in request.dedupe_against:
         report = load_dialogues(other)
@@ -223,6 +225,8 @@ def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judg
             raise DataError(f"--dedupe-against {other} holds no usable dialogue; {first}")
         for dialogue in report.kept:
             duplicates.add(f"{other}#{dialogue.id}", dialogue_text(dialogue.messages()))
+    for path in (paths.output, paths.rejected):
+        read_lines(path, complete_only=True)  # a foreign or damaged output is named before any request
     for client in (student, socrates, *([judge] if judge is not None else [])):
         client.check()  # before anything is written
 
