@@ -425,6 +425,8 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
         case(f"score --output existing: {label}", lambda n: ["score", n, "--output", "old.jsonl"], lambda n: n,
              lambda folder, c=content: (_write(folder, "old.jsonl", '{"keep": 1}\n'),
                                         _write(folder, "replies.jsonl", c))[1])
+    case("score --output a directory", lambda n: ["score", "replies.jsonl", "--output", n], lambda n: n,
+         lambda folder: (_write(folder, "replies.jsonl", '{"text": "a"}\n'), (folder / "d").mkdir())[0] and "d")
     case("score --output under a file", lambda n: ["score", "replies.jsonl", "--output", f"{n}/s.jsonl"],
          lambda n: n,
          lambda folder: (_write(folder, "replies.jsonl", '{"text": "a"}\n'), _write(folder, "a-file", "x"))[1])
@@ -554,6 +556,16 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
     for samples in ("0", "1", "-2"):
         case(f"prefs --samples {samples}", lambda n, s=samples: ["prefs", n, "--samples", s, "--output", "p.jsonl"],
              lambda n: "--samples", _finished_looking_run)
+    for flag, values in {"--temperature": ["0", "nan", "inf", "1e-300", "-1"], "--top-p": ["0", "1.5", "nan"],
+                         "--max-new-tokens": ["0", "-3"], "--min-margin": ["-1", "nan", "9"],
+                         "--batch-size": ["0"], "--limit": ["0", "-2"], "--samples": ["100000"]}.items():
+        for value in values:
+            case(f"prefs {flag} {value}", lambda n, f=flag, v=value: ["prefs", n, f, v, "--output", "p.jsonl"],
+                 lambda n, f=flag: f, _finished_looking_run)
+    for url in ("ftp://h/v1", "http://[::1", "http://h:99999/v1"):
+        case(f"prefs --judge {url}", lambda n, u=url: ["prefs", n, "--judge", u, "--judge-model", "j", "--prompts",
+                                                         "p.jsonl", "--output", "o.jsonl"], lambda n: "--judge",
+             lambda folder: (_write(folder, "p.jsonl", '{"prompt": "勇気とは？"}\n'), _finished_looking_run(folder))[1])
     case("prefs --output under a file", lambda n: ["prefs", n, "--output", "a-file/p.jsonl"], lambda n: "a-file",
          lambda folder: (_write(folder, "a-file", "x"), _finished_looking_run(folder))[1])
     case("prefs --output existing", lambda n: ["prefs", n, "--output", "a-file"], lambda n: "a-file",
@@ -573,7 +585,11 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
     for label, make in {"missing --from": lambda folder: "no-run",
                         "--from a file": lambda folder: _write(folder, "f", "x"),
                         "--from not a run": lambda folder: (folder / "empty").mkdir() or "empty",
-                        "--from unfinished": lambda folder: _unfinished_run(folder, "sft")}.items():
+                        "--from unfinished": lambda folder: _unfinished_run(folder, "sft"),
+                        "--from config alias bomb": lambda folder: _fake_run(folder, "sft", BOMB),
+                        "--from config not UTF-8": lambda folder: _fake_run(folder, "sft", b"x: caf\xe9\n"),
+                        "--from config deep": lambda folder: _fake_run(folder, "sft", "[" * 50_000 + "]" * 50_000),
+                        }.items():
         def inputs(folder: Path, make=make) -> str:
             pair = {"prompt": "勇気とは？", "chosen": "あなたは？", "rejected": "勇気です。"}
             _write(folder, "pairs.jsonl", json.dumps(pair, ensure_ascii=False) + "\n")

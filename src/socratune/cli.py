@@ -26,6 +26,7 @@ from typing import Any
 from .errors import ConfigError, SocratuneError, TrainingInterrupted, os_error_message
 
 EXIT_BAD_INPUT = 2
+MAX_PREF_SAMPLES = 64  # replies per prompt in prefs: more is a typo that would fill memory, not a plan
 MAX_SKIPPED_SHOWN = 10  # score's unusable lines named one by one; the rest counted
 
 
@@ -133,8 +134,10 @@ def cmd_prefs(args: argparse.Namespace) -> int:
     recorded = finished_run_config(args.run_dir)  # not resolve_run_model: that builds a tiny run's base in RUN/base
     prefs = recorded.prefs
     samples = args.samples if args.samples is not None else prefs.samples
-    if samples < 2:
-        raise ConfigError(f"--samples must be at least 2 (a pair needs two replies), not {samples}", key="--samples")
+    if not 2 <= samples <= MAX_PREF_SAMPLES:
+        raise ConfigError(f"--samples must be from 2 (a pair needs two replies) to {MAX_PREF_SAMPLES}, not {samples}",
+                          key="--samples")
+    _check_prefs_flags(args)
     if bool(args.judge) != bool(args.judge_model):
         raise ConfigError("--judge URL and --judge-model NAME go together")
     output = Path(args.output)
@@ -143,7 +146,7 @@ def cmd_prefs(args: argparse.Namespace) -> int:
         raise ConfigError(f"{output} exists; choose another --output or add --force to replace it")
     prompts = ([i.messages for i in read_prompts(args.prompts)] if args.prompts
                else training_prompts(args.run_dir))
-    if args.limit:
+    if args.limit is not None:
         prompts = prompts[: args.limit]
     profile = load_profile(args.profile or recorded.style.profile)
     weights = ranking_weights(prefs.weights, profile)
@@ -168,6 +171,23 @@ def cmd_prefs(args: argparse.Namespace) -> int:
     print(f"Train on them: socratune train --method dpo --pairs {_quote(str(output))} --from {_quote(args.run_dir)} "
           "--output RUN2")
     return 0
+
+
+def _check_prefs_flags(args: argparse.Namespace) -> None:
+    """prefs' sampling flags, each named, before the model loads: sampling divides by the
+    temperature (a tiny or infinite one gives inf/nan probabilities), and a pair needs replies."""
+    from .generate import MIN_DIVISOR
+
+    checks = (("--temperature", args.temperature, lambda v: MIN_DIVISOR <= v < float("inf"),
+               f"a number from {MIN_DIVISOR} (prefs samples, so not 0)"),
+              ("--top-p", args.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
+              ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
+              ("--min-margin", args.min_margin, lambda v: 0 <= v <= 4, "from 0 to 4"),
+              ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
+              ("--limit", args.limit, lambda v: v >= 1, "at least 1"))
+    for flag, value, good, wanted in checks:
+        if value is not None and not good(value):
+            raise ConfigError(f"{flag} must be {wanted}, not {value}", key=flag)
 
 
 def _resume_command(run_dir: str) -> str:
