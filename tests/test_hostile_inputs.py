@@ -315,6 +315,15 @@ def _judged_inputs(folder: Path) -> dict[str, str]:
     return inputs
 
 
+def _shipped_profile_with(old: str, new: str) -> str:
+    """The shipped socrates profile with its first ``old`` replaced by ``new``."""
+    from importlib import resources
+
+    text = (resources.files("socratune") / "profiles" / "socrates.yaml").read_text(encoding="utf-8")
+    assert old in text
+    return text.replace(old, new, 1)
+
+
 def _profile_inputs(folder: Path) -> dict[str, str]:
     """Style profile YAML files of every hostile kind."""
     inputs = {
@@ -330,6 +339,12 @@ def _profile_inputs(folder: Path) -> dict[str, str]:
         "profile huge key": _write(folder, "hugekey.yaml", "k" * 100_000 + ": 1\n"),
         "profile not YAML": _write(folder, "broken.yaml", "name: [unclosed\n"),
         "profile empty": _write(folder, "empty.yaml", ""),
+        "profile NaN weight": _write(folder, "nanweight.yaml", _shipped_profile_with("asks: 0.3", "asks: .nan")),
+        "profile infinite overall weight": _write(folder, "infweight.yaml",
+                                                  _shipped_profile_with("tone: 0.3", "tone: .inf")),
+        "profile huge weight": _write(folder, "hugeweight.yaml", _shipped_profile_with("asks: 0.3", "asks: 1e999")),
+        "profile unknown feature of thousands of characters": _write(
+            folder, "hugefeature.yaml", _shipped_profile_with("asks: 0.3", "k" * 50_000 + ": 0.3")),
     }
     (folder / "profile-dir.yaml").mkdir()
     os.mkfifo(folder / "fifo.yaml")

@@ -20,7 +20,8 @@ AXES_AND_OVERALL = ("tone", "approach", "format", "logic", "overall")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite temperature, threshold or price is a typo, not a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RoleSpec(_Strict):
