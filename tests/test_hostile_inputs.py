@@ -354,6 +354,14 @@ def _profile_inputs(folder: Path) -> dict[str, str]:
     return inputs
 
 
+def _bundled_synth_profile() -> str:
+    from importlib import resources
+
+    text = (resources.files("socratune") / "assets" / "synth_socrates.yaml").read_text(encoding="utf-8")
+    assert "temperature:" in text
+    return text
+
+
 def _synth_profile_inputs(folder: Path) -> dict[str, str]:
     return {
         "synth profile missing": "missing.yaml",
@@ -365,6 +373,10 @@ def _synth_profile_inputs(folder: Path) -> dict[str, str]:
         "synth profile empty question list": _write(folder, "noquestions.yaml", "questions: []\n"),
         "synth profile a list": _write(folder, "list.yaml", "- a\n"),
         "synth profile huge key": _write(folder, "hugekey.yaml", "k" * 100_000 + ": 1\n"),
+        "synth profile NaN temperature": _write(folder, "nan.yaml", _bundled_synth_profile().replace(
+            "temperature:", "temperature: .nan #", 1)),
+        "synth profile directory": (folder / "d.yaml").mkdir() or "d.yaml",
+        "synth profile FIFO": os.mkfifo(folder / "f.yaml") or "f.yaml",
     }
 
 
@@ -543,6 +555,8 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
              lambda folder, c=content: _write(folder, "out.jsonl", c))
     case("synth --status: FIFO", lambda n: ["synth", "--status", n], lambda n: n,
          lambda folder: os.mkfifo(folder / "f.jsonl") or "f.jsonl")
+    case("synth --output: symlink loop", lambda n: synth_at(n), lambda n: n,
+         lambda folder: (folder / "loop.jsonl").symlink_to("loop.jsonl") or "loop.jsonl")
     case("synth --output: FIFO", lambda n: synth_at(n), lambda n: n,
          lambda folder: os.mkfifo(folder / "f.jsonl") or "f.jsonl")
     case("synth --status: missing", lambda n: ["synth", "--status", n], lambda n: n, lambda folder: "none.jsonl")
@@ -560,8 +574,6 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
     }.items():
         case(f"prefs: {label}", lambda n: ["prefs", n, "--output", "pairs.jsonl"], lambda n: n, make)
     for label, name in _data_inputs(probe("data2")).items():
-        if label in ("one dialogue", "one shared question", "not UTF-8", "huge role", "empty", "an object"):
-            continue
         def inputs(folder: Path, label: str = label) -> str:
             _finished_looking_run(folder)
             return _data_inputs(folder)[label]

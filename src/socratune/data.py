@@ -335,6 +335,8 @@ def check_output_file(path: Path, flag: str, error: type[SocratuneError] = Confi
         raise error(f"{flag} {path} is a directory; give a file name")
     if path.exists() and not path.is_file():
         raise error(f"{flag} {path} is not a regular file (a pipe, socket or device); give a file name")
+    if path.is_symlink() and not path.exists():
+        raise error(f"{flag} {path} is a symlink that leads nowhere (broken or a loop); remove it or give another path")
     folder = path.parent
     if not folder.is_dir():
         what = ("a file is in the way (part of the path is a file, not a directory)" if folder.exists()

@@ -98,7 +98,8 @@ def load_synth_profile(path: str | Path | None = None) -> tuple[SynthProfile, st
             profile.student.system_prompt_template.format(**persona.model_dump())
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"synth profile {source}: student.system_prompt_template uses {exc}; the persona "
-                              f"fields are {list(Persona.model_fields)}", key="student.system_prompt_template") from None
+                              f"fields are {list(Persona.model_fields)}",
+                              key="student.system_prompt_template") from None
     return profile, hashlib.sha256(text.encode("utf-8")).hexdigest(), source
 
 
