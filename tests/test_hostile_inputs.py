@@ -452,6 +452,12 @@ def build_round1_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
         case(f"score --output existing: {label}", lambda n: ["score", n, "--output", "old.jsonl"], lambda n: n,
              lambda folder, c=content: (_write(folder, "old.jsonl", '{"keep": 1}\n'),
                                         _write(folder, "replies.jsonl", c))[1])
+    for output in ("replies.jsonl", "./replies.jsonl", "link.jsonl"):
+        def inputs(folder: Path) -> str:
+            (folder / "link.jsonl").symlink_to("replies.jsonl")
+            return _write(folder, "replies.jsonl", '{"text": "あなたはどう思いますか？"}\n')
+        case(f"score --output {output} (the input)", lambda n, o=output: ["score", n, "--output", o],
+             lambda n: "--output", inputs)
     case("score --output a directory", lambda n: ["score", "replies.jsonl", "--output", n], lambda n: n,
          lambda folder: (_write(folder, "replies.jsonl", '{"text": "a"}\n'), (folder / "d").mkdir())[0] and "d")
     case("score --output under a file", lambda n: ["score", "replies.jsonl", "--output", f"{n}/s.jsonl"],

@@ -461,6 +461,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .style import format_summary_table, load_profile, score_jsonl
 
     check_readable_file(Path(args.file), "replies file")  # a FIFO would block the reader
+    if args.output and os.path.realpath(args.output) == os.path.realpath(args.file):
+        raise ConfigError(f"--output {args.output} is the replies file itself; the scores would replace the replies",
+                          key="--output")
     records, bad_lines, summary = score_jsonl(Path(args.file), Path(args.output) if args.output else None,
                                               load_profile(args.profile))
     if not args.output:
