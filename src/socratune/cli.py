@@ -26,6 +26,8 @@ from typing import Any
 from .errors import ConfigError, SocratuneError, TrainingInterrupted, os_error_message
 
 EXIT_BAD_INPUT = 2
+MAX_PREF_SAMPLES = 64  # replies per prompt in prefs: more is a typo that would fill memory, not a plan
+MAX_SKIPPED_SHOWN = 10  # score's unusable lines named one by one; the rest counted
 
 
 def _config_from_args(args: argparse.Namespace, continue_run: bool = False):
@@ -121,26 +123,30 @@ def _preference_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_prefs(args: argparse.Namespace) -> int:
     import json
 
+    from .data import check_output_file
     from .errors import DataError
     from .generate import GenParams, read_prompts
-    from .modeling import load_for_inference, resolve_run_model
-    from .prefs import make_pairs, ranking_weights, training_prompts
+    from .modeling import load_for_inference
+    from .prefs import finished_run_config, make_pairs, ranking_weights, training_prompts
     from .rundir import write_text_atomic
     from .style import StyleScorer, load_profile
 
-    recorded = resolve_run_model(args.run_dir).config  # ModelError when RUN is not a run directory
+    recorded = finished_run_config(args.run_dir)  # not resolve_run_model: that builds a tiny run's base in RUN/base
     prefs = recorded.prefs
     samples = args.samples if args.samples is not None else prefs.samples
-    if samples < 2:
-        raise ConfigError(f"--samples must be at least 2 (a pair needs two replies), not {samples}")
+    if not 2 <= samples <= MAX_PREF_SAMPLES:
+        raise ConfigError(f"--samples must be from 2 (a pair needs two replies) to {MAX_PREF_SAMPLES}, not {samples}",
+                          key="--samples")
+    _check_prefs_flags(args)
     if bool(args.judge) != bool(args.judge_model):
         raise ConfigError("--judge URL and --judge-model NAME go together")
     output = Path(args.output)
-    if output.exists() and not args.force:
+    check_output_file(output, "--output")  # found now, not after every reply is sampled
+    if (output.exists() or output.is_symlink()) and not args.force:
         raise ConfigError(f"{output} exists; choose another --output or add --force to replace it")
     prompts = ([i.messages for i in read_prompts(args.prompts)] if args.prompts
                else training_prompts(args.run_dir))
-    if args.limit:
+    if args.limit is not None:
         prompts = prompts[: args.limit]
     profile = load_profile(args.profile or recorded.style.profile)
     weights = ranking_weights(prefs.weights, profile)
@@ -167,6 +173,23 @@ def cmd_prefs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_prefs_flags(args: argparse.Namespace) -> None:
+    """prefs' sampling flags, each named, before the model loads: sampling divides by the
+    temperature (a tiny or infinite one gives inf/nan probabilities), and a pair needs replies."""
+    from .generate import MIN_DIVISOR
+
+    checks = (("--temperature", args.temperature, lambda v: MIN_DIVISOR <= v < float("inf"),
+               f"a number from {MIN_DIVISOR} (prefs samples, so not 0)"),
+              ("--top-p", args.top_p, lambda v: 0 < v <= 1, "above 0 and at most 1"),
+              ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
+              ("--min-margin", args.min_margin, lambda v: 0 <= v <= 4, "from 0 to 4"),
+              ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
+              ("--limit", args.limit, lambda v: v >= 1, "at least 1"))
+    for flag, value, good, wanted in checks:
+        if value is not None and not good(value):
+            raise ConfigError(f"{flag} must be {wanted}, not {value}", key=flag)
+
+
 def _resume_command(run_dir: str) -> str:
     """``socratune train --output RUN``: the run's recorded config supplies everything else."""
     return f"socratune train --output {_quote(run_dir)}"
@@ -175,9 +198,11 @@ def _resume_command(run_dir: str) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data import write_rejections
     from .examples import load_tokenizer_for, prepare_examples
+    from .style import load_profile
 
     args.data = args.file
     config = _config_from_args(args)
+    load_profile(config.style.profile)  # what train refuses, validate refuses
     report, examples = prepare_examples(config, load_tokenizer_for(config))
     print(report.summary())
     if args.rejected:
@@ -340,9 +365,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 0
     from .client import ChatClient
     from .synth import KEY_VARIABLES, SynthRequest, synth
+    from .synth.run import check_counts
 
     if not args.output:
         raise ConfigError("synth needs --output FILE (or --status FILE)", key="--output")
+    check_counts(args.dialogues, args.turns, args.concurrency)  # named one by one, before the clients check them
+    if not 0 < args.timeout < float("inf"):
+        raise ConfigError(f"--timeout must be a number of seconds above 0, not {args.timeout}", key="--timeout")
+    if args.retries < 0:
+        raise ConfigError(f"--retries must be 0 or more, not {args.retries}", key="--retries")
     clients = {}
     for role in ("student", "socrates"):
         url = getattr(args, f"{role}_url") or args.url
@@ -430,6 +461,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .style import format_summary_table, load_profile, score_jsonl
 
     check_readable_file(Path(args.file), "replies file")  # a FIFO would block the reader
+    if args.output and os.path.realpath(args.output) == os.path.realpath(args.file):
+        raise ConfigError(f"--output {args.output} is the replies file itself; the scores would replace the replies",
+                          key="--output")
     records, bad_lines, summary = score_jsonl(Path(args.file), Path(args.output) if args.output else None,
                                               load_profile(args.profile))
     if not args.output:
@@ -437,10 +471,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         for record in records:
             print(json.dumps(record, ensure_ascii=False))
-    for message in bad_lines:
-        print(f"skipped {message}", file=sys.stderr)
+    for message in bad_lines[:MAX_SKIPPED_SHOWN]:
+        print(f"skipped {message[:300]}", file=sys.stderr)
+    if len(bad_lines) > MAX_SKIPPED_SHOWN:
+        print(f"skipped {len(bad_lines) - MAX_SKIPPED_SHOWN} more lines", file=sys.stderr)
     print(format_summary_table(summary, len(records)), file=sys.stderr)
-    return EXIT_BAD_INPUT if bad_lines and not records else 0
+    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

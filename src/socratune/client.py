@@ -24,7 +24,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, EndpointFailed, EndpointUnreachable
+from .errors import ConfigError, EndpointFailed, EndpointUnreachable, quote_capped
 
 # A placeholder key for servers that need none (llama.cpp, vLLM, Ollama, socratune serve):
 # the openai package refuses to start without one.
@@ -39,10 +39,14 @@ def split_url(url: str, flag: str) -> tuple[str, tuple[str, str] | None, dict[st
     (``http://h:8080``, which gets ``/v1``), an API base (``/v1``, ``/api/v1``, ``/v1beta/openai``:
     kept) or the full ``.../chat/completions`` endpoint.
     """
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"{flag} must be an http(s) URL such as http://127.0.0.1:8000/v1, got {url[:200]!r}",
-                          key=flag)
+    problem = f"{flag} must be an http(s) URL such as http://127.0.0.1:8000/v1, got {quote_capped(url)}"
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:  # "http://[::1" and other unparsable hosts
+        raise ConfigError(f"{problem}: {exc}", key=flag) from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or any(c.isspace() for c in parsed.netloc):
+        raise ConfigError(problem, key=flag)
     credentials = None
     if parsed.username is not None or parsed.password is not None:
         credentials = (urllib.parse.unquote(parsed.username or ""), urllib.parse.unquote(parsed.password or ""))
@@ -52,8 +56,8 @@ def split_url(url: str, flag: str) -> tuple[str, tuple[str, str] | None, dict[st
         path = "/v1"  # a server root: every server named above serves its API under /v1
     host = parsed.hostname
     netloc = f"[{host}]" if ":" in host else host
-    if parsed.port:
-        netloc += f":{parsed.port}"
+    if port:
+        netloc += f":{port}"
     query = dict(urllib.parse.parse_qsl(parsed.query))
     return urllib.parse.urlunsplit((parsed.scheme, netloc, path, "", "")), credentials, query
 

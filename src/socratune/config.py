@@ -353,7 +353,8 @@ def load_config(
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
-        raise _explain(exc, source, {key: f"--set {key}={value!r}" for key, value in assigned.items()}) from exc
+        given = {key: f"--set {quote_capped(key)[1:-1]}={quote_capped(value)}" for key, value in assigned.items()}
+        raise _explain(exc, source, given) from exc
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError, SocratuneError, os_error_message, quote_capped
+from .errors import ConfigError, DataError, SocratuneError, os_error_message, quote_capped
 from .rundir import write_text_atomic
 
 BOT = "assistant"
@@ -325,6 +325,23 @@ def check_readable_file(path: Path, what: str, error: type[SocratuneError] = Dat
         raise error(f"{what} {path} is a directory; give a file")
     if not stat.S_ISREG(mode):
         raise error(f"{what} {path} is not a regular file (a pipe, socket or device); give a file")
+
+
+def check_output_file(path: Path, flag: str, error: type[SocratuneError] = ConfigError) -> None:
+    """Raise ``error`` naming ``flag`` and the path unless ``path`` can be created or replaced as a
+    file: not a directory, pipe or device, and in a folder that exists. Called before any slow or
+    remote work, so such an output fails first and nothing is written."""
+    if path.is_dir():
+        raise error(f"{flag} {path} is a directory; give a file name")
+    if path.exists() and not path.is_file():
+        raise error(f"{flag} {path} is not a regular file (a pipe, socket or device); give a file name")
+    if path.is_symlink() and not path.exists():
+        raise error(f"{flag} {path} is a symlink that leads nowhere (broken or a loop); remove it or give another path")
+    folder = path.parent
+    if not folder.is_dir():
+        what = ("a file is in the way (part of the path is a file, not a directory)" if folder.exists()
+                else f"its folder {folder} does not exist")
+        raise error(f"{flag} {path}: {what}; choose another path")
 
 
 def read_text_file(path: str | Path, what: str) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import BOT, ROLE_ALIASES, jsonl_lines
+from .data import BOT, ROLE_ALIASES, jsonl_lines, read_text_file
 from .errors import DataError
 from .template import chat_messages, render, supports_system_role
 
@@ -243,12 +243,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     """Every prompt of a JSONL file; any bad line makes it a DataError naming each ``FILE:LINE``
     and what is wrong, before a model is loaded or a reply generated."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise DataError(f"prompts file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read prompts file {path}: {exc}") from exc
+    text = read_text_file(path, "prompts file")  # a FIFO is refused, not read forever
     items: list[PromptItem] = []
     problems: list[str] = []
     for number, value, problem in jsonl_lines(text):

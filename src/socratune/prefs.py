@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import Config
 from .data import ROLE_ALIASES, jsonl_lines
 from .errors import DataError, RunDirError
 from .generate import _messages_problem
@@ -190,17 +191,40 @@ class PairsResult:
     weights: dict[str, float]
 
 
+def finished_run_config(run_path: str | Path) -> Config:
+    """The recorded config of a finished run, read without loading (or building) its model.
+
+    RunDirError unless ``run_path`` is a run directory with a final adapter: a missing path, a
+    file, a directory that is not a run and an unfinished run are each named; a bad recorded
+    config is a ConfigError naming it. Nothing is written."""
+    from .config import config_from_dict, read_yaml_file
+    from .rundir import CONFIG_YAML, RunDir
+
+    run = RunDir(run_path)
+    if not run.path.is_dir():
+        what = "does not exist" if not run.path.exists() else "is not a directory"
+        raise RunDirError(f"run directory {run.path} {what}")
+    config_path = run / CONFIG_YAML
+    if not config_path.is_file():
+        raise RunDirError(f"{run.path} is not a run directory (no {CONFIG_YAML}); a run directory is what "
+                          "`socratune train --output DIR` creates")
+    config = config_from_dict(read_yaml_file(config_path, "the run's config"), str(config_path))
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise RunDirError(f"{run.path} has no final adapter: its training has not finished "
+                          f"(socratune status {run.path}; resume with socratune train --output {run.path})")
+    return config
+
+
 def training_prompts(run_path: str | Path) -> list[list[dict[str, str]]]:
     """The run's training split as reply prompts: each training dialogue cut before its last bot
     turn. The eval split is never used: pairs from it would leak into what evaluation measures."""
     from .data import load_dialogues
     from .examples import bundled_data_path, reply_prompts
-    from .modeling import resolve_run_model
     from .rundir import SPLIT, RunDir
     from .split import apply_split, load_split
 
     run = RunDir(run_path)
-    config = resolve_run_model(run.path).config
+    config = finished_run_config(run.path)
     if not (run / SPLIT).exists():
         raise RunDirError(f"{run.path} has no {SPLIT}: not a supervised run directory")
     data_path = Path(config.data.path) if config.data.path else bundled_data_path()

@@ -132,6 +132,7 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
     Raises RunDirError for a refused start (in use, guarded settings changed), DataError for
     unusable data and TrainingInterrupted after SIGTERM/SIGINT saved a checkpoint.
     """
+    load_profile(config.style.profile)  # a bad style.profile fails here, not after the run directory is written
     if config.train.method != "sft":  # DPO / ORPO on preference pairs: preference.py, same run management
         from .preference import train_preferences
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from ..data import jsonl_lines
-from ..errors import ConfigError, DataError
+from ..data import check_output_file, jsonl_lines, read_text_file
+from ..errors import ConfigError, DataError, quote_capped
 from ..rundir import write_text_atomic
 from ..scores import AXES
 from .profile import FEATURES, Calibration, StyleProfile
@@ -82,10 +82,10 @@ def _row_problem(item: Any) -> str | None:
         return "missing 'judge'" if "judge" not in item else "'judge' must be an object of ratings"
     for key, value in judge.items():
         if key not in AXES:
-            return f"unknown axis 'judge.{key}'; allowed: {', '.join(AXES)}"
+            return f"unknown axis 'judge.{quote_capped(key)[1:-1]}'; allowed: {', '.join(AXES)}"
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 <= value <= 4):
-            return f"'judge.{key}' must be a number from 0 to 4 or null, got {value!r}"
+            return f"'judge.{quote_capped(key)[1:-1]}' must be a number from 0 to 4 or null, got {quote_capped(value)}"
     if all(judge.get(axis) is None for axis in AXES):
         return f"'judge' has no rating (expected some of {', '.join(AXES)})"
     return None
@@ -93,10 +93,7 @@ def _row_problem(item: Any) -> str | None:
 
 def read_judged(path: Path) -> list[JudgedRow]:
     """Rows of a judged JSONL file; any malformed line is an error naming FILE:LINE."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    text = read_text_file(path, "judged file")  # missing, a directory, a FIFO, not UTF-8: one line naming it
     rows, bad = [], []
     for number, item, problem in jsonl_lines(text):
         if problem := problem or _row_problem(item):
@@ -238,8 +235,11 @@ def calibrate_file(judged_path: Path, profile: StyleProfile, output: Path, *, fo
                    seed: int = 0, ridge: float = RIDGE) -> CalibrationResult:
     """The ``socratune calibrate`` back end: read, fit, write ``output`` (never over an existing file)."""
     judged_path, output = Path(judged_path), Path(output)
-    if output.exists():
+    if output.exists() or output.is_symlink():
         raise DataError(f"{output} already exists; choose another --output or remove it first")
+    check_output_file(output, "--output", DataError)  # found now, not after the fit
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {folds}", key="--folds")
     rows = read_judged(judged_path)
     digest = hashlib.sha256(judged_path.read_bytes()).hexdigest()
     result = calibrate(rows, profile, folds=folds, seed=seed, source=str(judged_path), source_sha256=digest,

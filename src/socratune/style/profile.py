@@ -28,10 +28,11 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import ConfigError
+from ..errors import ConfigError, quote_capped
 from ..scores import AXES  # the axis names, written once for the whole package
 
 DEFAULT_PROFILE = "socrates"
+MAX_PROBLEMS_SHOWN = 3  # lines of a profile's validation errors quoted in one message
 
 # The features the scorer computes per axis, each in [0, 1], and the sign its weight must have:
 # +1 raises the axis, -1 lowers it. Calibration keeps these signs, so a fit on a few noisy
@@ -96,7 +97,8 @@ Points = Annotated[float, Field(ge=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite weight would score every reply 0 or nan, silently
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TokenSpec(_Strict):
@@ -261,36 +263,41 @@ def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def profile_source(name_or_path: str | Path) -> tuple[str, str]:
-    """(label for messages, YAML text) of a shipped profile name or a YAML path."""
+def profile_source(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(label for messages, YAML mapping) of a shipped profile name or a YAML path. A path is read
+    through the config reader, so a missing file, a directory, a FIFO, non-UTF-8 text, aliases,
+    deep nesting or huge integers each get a one-line ConfigError naming the file."""
+    from ..config import read_yaml_file
+
     name = str(name_or_path)
     if isinstance(name_or_path, str) and not name.endswith((".yaml", ".yml")) and "/" not in name:
         allowed = available_profiles()
         if name not in allowed:
-            raise ConfigError(f"unknown style profile '{name}'; allowed: {', '.join(allowed)} or a YAML path",
-                              key="style.profile", allowed=allowed)
-        return f"profile {name}", (resources.files("socratune") / "profiles" / f"{name}.yaml").read_text(
-            encoding="utf-8")
+            raise ConfigError(f"unknown style profile {quote_capped(name)}; allowed: {', '.join(allowed)} or a "
+                              "YAML path", key="style.profile", allowed=allowed)
+        text = (resources.files("socratune") / "profiles" / f"{name}.yaml").read_text(encoding="utf-8")
+        return f"profile {name}", yaml.safe_load(text)
     try:
-        return name, Path(name_or_path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read style profile {name}: {exc.strerror}", key="style.profile") from exc
+        return name, read_yaml_file(Path(name_or_path), "style profile")
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key="style.profile") from None
 
 
 def load_profile(name_or_path: str | Path = DEFAULT_PROFILE) -> StyleProfile:
     """Load a shipped profile by name or a YAML file by path; errors name the file and key."""
-    source, text = profile_source(name_or_path)
+    source, data = profile_source(name_or_path)
     try:
-        return StyleProfile.model_validate(yaml.safe_load(text))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        return StyleProfile.model_validate(data)
     except ValidationError as exc:
         lines, first_key, first_allowed = [], None, None
         # Unknown keys first: a misspelt key also shows up as the right key "missing".
-        for err in sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden"):
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        for err in errors[:MAX_PROBLEMS_SHOWN]:  # a file wrong everywhere still gets a short message
+            key = (".".join(str(p) for p in err["loc"]) or "(top level)")[:80]
             allowed = _allowed_keys(err["loc"]) if err["type"] == "extra_forbidden" else None
             lines.append(f"{source}: unknown key '{key}'; allowed: {', '.join(allowed)}" if allowed is not None
-                         else f"{source}: '{key}': {err['msg']}")
+                         else f"{source}: '{key}': {err['msg'][:200]}")
             first_key, first_allowed = first_key or key, first_allowed or allowed
+        if len(errors) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"{source}: and {len(errors) - MAX_PROBLEMS_SHOWN} more problems")
         raise ConfigError("\n".join(lines), key=first_key, allowed=first_allowed) from exc

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 from sudachipy import Dictionary, SplitMode
 
-from ..data import jsonl_lines
+from ..data import jsonl_lines, read_text_file
 from ..errors import DataError
 from ..rundir import write_text_atomic
 from ..scores import AXES, SCORE_KEYS
@@ -720,12 +720,11 @@ def score_jsonl(in_path: Path, out_path: Path | None = None,
     Returns the output records in input order, one "FILE:LINE: reason" message per unusable
     line (the other lines are still scored) and the summary. A missing id becomes the line
     number. Writes ``out_path`` as JSONL atomically (temporary file, then rename) when given.
+    Raises DataError, writing nothing, when no line can be scored: an empty output would read
+    as "scored" to the next step, and an existing one would be lost for nothing.
     """
     in_path = Path(in_path)
-    try:
-        text = in_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {in_path}: {exc}") from exc
+    text = read_text_file(in_path, "replies file")  # missing, a directory, a FIFO, not UTF-8: one line naming it
     scorer = _scorer(profile)
     records: list[dict] = []
     bad: list[str] = []
@@ -737,6 +736,11 @@ def score_jsonl(in_path: Path, out_path: Path | None = None,
         scores.append(scorer.score(item["text"], item.get("prompt")))
         records.append({"id": item.get("id", number), "scores": scores[-1].axes(),
                         "explanations": scores[-1].explanations})
+    if not records:  # nothing to write: an existing output is kept, no empty one is left behind
+        shown = "".join(f"\n  {line[:300]}" for line in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{in_path} holds no usable reply (each line needs {{\"id\", \"text\", \"prompt\"?}}); "
+                        f"nothing was written{shown}{more}", rejections=bad)
     if out_path is not None:
         write_text_atomic(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records, bad, summarize(scores)

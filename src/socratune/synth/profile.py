@@ -13,13 +13,15 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..config import read_yaml_file
 from ..errors import ConfigError
 
 AXES_AND_OVERALL = ("tone", "approach", "format", "logic", "overall")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite temperature, threshold or price is a typo, not a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RoleSpec(_Strict):
@@ -71,20 +73,22 @@ def load_synth_profile(path: str | Path | None = None) -> tuple[SynthProfile, st
         text = resources.files("socratune").joinpath("assets/synth_socrates.yaml").read_text(encoding="utf-8")
         source = "bundled:synth_socrates.yaml"
     else:
+        # Read as any config is: a FIFO, non-UTF-8 text, aliases, deep nesting and huge integers are
+        # one-line ConfigErrors naming the file, before any request is made.
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read synth profile {path}: {exc}", key="--config") from None
+            raw = read_yaml_file(Path(path), "synth profile")
+        except ConfigError as exc:
+            raise ConfigError(str(exc), key="--config") from None
+        text = Path(path).read_text(encoding="utf-8")  # hashed below: a resume must use the same profile
         source = str(path)
     try:
-        raw = yaml.safe_load(text)
+        if path is None:
+            raw = yaml.safe_load(text)
         profile = SynthProfile.model_validate(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"synth profile {source} is not valid YAML: {str(exc)[:300]}", key="--config") from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"synth profile {source}: {where}: {first['msg']}", key=where) from None
+        where = (".".join(str(p) for p in first["loc"]) or "(top level)")[:80]
+        raise ConfigError(f"synth profile {source}: {where}: {first['msg'][:200]}", key=where) from None
     unknown = set(profile.filter.min_axis) - set(AXES_AND_OVERALL[:-1])
     if unknown:
         raise ConfigError(f"synth profile {source}: filter.min_axis has unknown axis {sorted(unknown)}",
@@ -94,7 +98,8 @@ def load_synth_profile(path: str | Path | None = None) -> tuple[SynthProfile, st
             profile.student.system_prompt_template.format(**persona.model_dump())
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"synth profile {source}: student.system_prompt_template uses {exc}; the persona "
-                              f"fields are {list(Persona.model_fields)}", key="student.system_prompt_template") from None
+                              f"fields are {list(Persona.model_fields)}",
+                              key="student.system_prompt_template") from None
     return profile, hashlib.sha256(text.encode("utf-8")).hexdigest(), source
 
 

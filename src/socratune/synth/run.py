@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..client import ChatClient
-from ..data import jsonl_lines, load_dialogues
+from ..data import check_output_file, jsonl_lines, load_dialogues, read_text_file
 from ..errors import (
     ConfigError,
     DataError,
     EndpointFailed,
     EndpointLost,
     SynthInterrupted,
+    quote_capped,
 )
 from ..rundir import RunDir, write_json_atomic
 from .conversation import Conversation, Dropped, converse
@@ -75,22 +76,35 @@ def _repair_torn_tail(path: Path) -> None:
                    "dialogue will be generated again", path)
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a synth output file; a line that is not one is a DataError naming it."""
-    if not path.exists():
+def read_lines(path: Path, complete_only: bool = False) -> list[dict[str, Any]]:
+    """The JSON objects of a synth output file; a line that is not one is a DataError naming it.
+    ``complete_only`` leaves out a last line without a newline (a torn write a resume cuts off)."""
+    if not path.exists() and not path.is_symlink():
         return []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    text = read_text_file(path, "synth output")  # a directory, a FIFO, not UTF-8: one line naming it
+    if complete_only:
+        text = text[: text.rfind("\n") + 1]
     lines = []
     for number, record, error in jsonl_lines(text):
-        if error is not None or not isinstance(record, dict) or not isinstance(record.get("meta"), dict) \
-                or not isinstance(record["meta"].get("index"), int):
-            raise DataError(f"{path}:{number} is not a synth line (a JSON object with meta.index); "
-                            "fix or remove that line, then run the command again")
+        if error is not None or not _is_synth_line(record):
+            raise DataError(f"{path}:{number} is not a synth line (a JSON object with meta.index, meta.scores.style "
+                            "and meta.usage); fix or remove that line, then run the command again")
         lines.append(record)
     return lines
+
+
+def _is_synth_line(record: Any) -> bool:
+    """The fields the summary and a resume read, with their types: a hand-edited or foreign line
+    is refused by name rather than failing later inside the arithmetic."""
+    meta = record.get("meta") if isinstance(record, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("index"), int) or isinstance(meta["index"], bool):
+        return False
+    scores, usage = meta.get("scores"), meta.get("usage")
+    style = scores.get("style") if isinstance(scores, dict) else None
+    number = (int, float)
+    return (isinstance(style, dict) and isinstance(usage, dict) and isinstance(record.get("reason", ""), str)
+            and all(k in style and (style[k] is None or isinstance(style[k], number)) for k in AXES_AND_OVERALL)
+            and all(isinstance(v, number) for v in usage.values()))
 
 
 def _append(handle: Any, line: dict[str, Any]) -> None:
@@ -180,25 +194,39 @@ def vars_of(request: SynthRequest) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in request.__dict__.items()}
 
 
+MAX_COUNTS = {"--dialogues": 10_000_000, "--turns": 1_000, "--concurrency": 1_024}  # beyond: a typo, not a plan
+
+
+def check_counts(dialogues: int, turns: int, concurrency: int) -> None:
+    """Each count from 1 to its ceiling, named in the error; checked before any request."""
+    for flag, value in (("--dialogues", dialogues), ("--turns", turns), ("--concurrency", concurrency)):
+        if not 1 <= value <= MAX_COUNTS[flag]:
+            raise ConfigError(f"{flag} must be a whole number from 1 to {MAX_COUNTS[flag]}, not {quote_capped(value)}",
+                              key=flag)
+
+
 def synth(request: SynthRequest, student: ChatClient, socrates: ChatClient, judge: Any = None,
           on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Generate, filter and append dialogues until ``request.dialogues`` are done; the summary."""
-    if request.dialogues < 1 or request.turns < 1 or request.concurrency < 1:
-        raise ConfigError("--dialogues, --turns and --concurrency must be at least 1", key="--dialogues")
+    check_counts(request.dialogues, request.turns, request.concurrency)
     profile, profile_hash, source = load_synth_profile(request.config)
     thresholds = profile.filter
     min_overall = thresholds.min_overall if request.min_score is None else request.min_score
     if not 0 <= min_overall <= 4:
         raise ConfigError(f"--min-score must be between 0 and 4, got {min_overall}", key="--min-score")
     paths = SynthPaths.for_output(request.output)
-    if paths.output.is_dir():
-        raise ConfigError(f"--output {paths.output} is a directory; give a file name such as data.jsonl",
-                          key="--output")
+    check_output_file(paths.output, "--output")
     duplicates = NearDuplicates(thresholds.near_duplicate, thresholds.shingle_chars)
     for other in request.dedupe_against:
         report = load_dialogues(other)
+        if not report.kept:  # the wrong file, most likely: deduplicating against nothing would hide that
+            first = (f"{report.rejections[0].where()}: {report.rejections[0].message[:200]}" if report.rejections
+                     else "it is empty")
+            raise DataError(f"--dedupe-against {other} holds no usable dialogue; {first}")
         for dialogue in report.kept:
             duplicates.add(f"{other}#{dialogue.id}", dialogue_text(dialogue.messages()))
+    for path in (paths.output, paths.rejected):
+        read_lines(path, complete_only=True)  # a foreign or damaged output is named before any request
     for client in (student, socrates, *([judge] if judge is not None else [])):
         client.check()  # before anything is written
 
