@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError
 from .tiny import materialize_tiny
+
+if TYPE_CHECKING:
+    from .config import Config
 
 TINY = "tiny"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -222,6 +225,15 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def load_configured_base(config: Config, source: str, hardware: Hardware, sharded: bool = False):
+    """``load_base`` with the model and quantization settings of ``config`` (every training
+    method loads its base this way)."""
+    return load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
+                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
+                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
+                     trust_remote_code=config.model.trust_remote_code, sharded=sharded)
 
 
 def add_lora(
