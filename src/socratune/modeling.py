@@ -273,6 +273,15 @@ def add_lora(
     return get_peft_model(model, config, autocast_adapter_dtype=not sharded)
 
 
+def add_configured_lora(config: Config, base, sharded: bool):
+    """``add_lora`` with the LoRA settings of ``config``: a supervised run's fresh adapter, its
+    random init drawn from the seed set before."""
+    return add_lora(base, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                    target_modules=config.lora.target_modules, bias=config.lora.bias,
+                    quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing,
+                    sharded=sharded)
+
+
 def load_adapter_for_inference(base, adapter_dir: Path):
     """Attach a saved adapter to ``base`` with plain PEFT, in eval mode."""
     from peft import PeftModel

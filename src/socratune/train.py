@@ -53,7 +53,7 @@ from .hf_trainer import adapter_state_for_saving, build_trainer, summarize_run, 
 from .memory import resource_usage
 from .modeling import (
     Hardware,
-    add_lora,
+    add_configured_lora,
     check_saved_adapter,
     detect_hardware,
     load_configured_base,
@@ -154,14 +154,6 @@ class Method:
     summary: Callable[[Config, Trainer], dict[str, Any]]  # 7. what the method adds to the summary
 
 
-def fresh_lora(config: Config, base: PreTrainedModel, sharded: bool) -> PeftModel:
-    """A new LoRA adapter on the base, its random init drawn from the run's seed (set before)."""
-    return add_lora(base, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                    target_modules=config.lora.target_modules, bias=config.lora.bias,
-                    quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing,
-                    sharded=sharded)
-
-
 def make_supervised_trainer(job: FitJob, built: BuiltModel, callbacks: list[TrainerCallback]) -> Trainer:
     """socratune's Trainer over the dialogues' examples (next-token loss on the trained tokens)."""
     return build_trainer(job.config, built.hardware, built.model, job.tokenizer, job.run.checkpoints_dir,
@@ -173,7 +165,7 @@ def nothing_to_add(config: Config, trainer: Trainer) -> dict[str, Any]:
     return {}
 
 
-SUPERVISED = Method(data_path_for, prepare_supervised, write_supervised_split, supervised_data, fresh_lora,
+SUPERVISED = Method(data_path_for, prepare_supervised, write_supervised_split, supervised_data, add_configured_lora,
                     TrainingMonitorCallback, make_supervised_trainer, nothing_to_add)
 PREFERENCE = Method(pairs_path_for, prepare_pairs, write_pairs_split, pairs_data, supervised_adapter,
                     PreferenceMonitorCallback, make_preference_trainer, preference_summary)
@@ -220,7 +212,7 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
         ranks.decide(partial(_open_run, run, method, plan, config, prepared, data_path, fingerprint,
                              ranks.world_size))
         data = method.read_split(run, config, prepared)
-        if show_example_first and ranks.is_main and method is SUPERVISED:
+        if show_example_first and ranks.is_main and method is SUPERVISED:  # a templated dialogue, not a pair
             logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, data.train[0]))
         job = FitJob(config, method, run, ranks, tokenizer, prepared, data, fingerprint, plan.checkpoint, started)
         result = fit_and_save(job)
