@@ -2,7 +2,7 @@
 
 Code map, in pipeline order. A module imports only from its own layer or lower ones. Layers 0-1
 import no torch or transformers when imported (tests/test_layers.py checks every module but the
-four of layer 3); layer 2 loads them inside the functions that need them.
+five of layer 3); layer 2 loads them inside the functions that need them.
 
 Layer 0: names, settings, files (no deep-learning stack)
   errors.py       SocratuneError and its kinds; every message names the file, row or key
@@ -38,6 +38,7 @@ Layer 3: training (imports transformers at the top)
   preference.py   DPO / ORPO: the pairs' data steps, the supervised adapter continued, the losses
                   and their Trainer, reference log-probs, the preference metrics
   callbacks.py    style monitoring, metrics, checkpoints (manifests, rotation, best step), signals
+  progress.py     the progress bar / line with the time left (a Trainer callback)
 
 Layer 4: using a trained run
   evaluate.py     running base / checkpoints / tuned on held-out prompts
