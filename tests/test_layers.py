@@ -21,7 +21,8 @@ import socratune
 
 HEAVY = {"torch", "transformers"}
 # The recipe and the Trainer's parts: built on transformers by nature, imported only by `train`.
-TRAINING_MODULES = {"socratune.train", "socratune.hf_trainer", "socratune.callbacks", "socratune.__main__"}
+TRAINING_MODULES = {"socratune.train", "socratune.hf_trainer", "socratune.callbacks", "socratune.preference",
+                    "socratune.progress", "socratune.__main__"}
 SRC = str(Path(socratune.__file__).resolve().parents[1])
 
 CHECKER = """

@@ -20,7 +20,8 @@ from socratune.cli import main
 from socratune.errors import ConfigError, DataError
 from socratune.prefs import best_and_worst, rank_score, read_pairs, split_pairs
 
-GOOD = {"prompt": [{"role": "user", "content": "正義とは何か？"}], "chosen": "君はどう思うかね？", "rejected": "知らない。"}
+GOOD = {"prompt": [{"role": "user", "content": "正義とは何か？"}], "chosen": "君はどう思うかね？",
+        "rejected": "知らない。"}
 
 
 def write_lines(path: Path, items: list) -> Path:
@@ -51,7 +52,8 @@ def test_bad_pair_lines_are_each_named_with_file_and_line(tmp_path):
 
 
 def test_valid_pairs_keep_their_line_numbers_and_normalise_roles(tmp_path):
-    conversation = [{"role": "user", "content": "a"}, {"role": "model", "content": "b"}, {"role": "user", "content": "c"}]
+    conversation = [{"role": "user", "content": "a"}, {"role": "model", "content": "b"},
+                    {"role": "user", "content": "c"}]
     path = write_lines(tmp_path / "pairs.jsonl", [GOOD, "", {**GOOD, "prompt": conversation}])
     pairs = read_pairs(path)
     assert [p.line for p in pairs] == [1, 3]
@@ -158,7 +160,8 @@ def test_dpo_loss_and_gradients_match_the_formula_by_hand():
     # d(-log σ(z))/dz = -(1 - σ); dz/dpc = β, dz/dpr = -β
     dz = -(1 - sigma)
     grad_c, grad_r = _hand_grad_of_logp(plain, plain_labels, 0), _hand_grad_of_logp(plain, plain_labels, 1)
-    expected = [[[dz * beta * (grad_c[r][t][v] - grad_r[r][t][v]) for v in range(5)] for t in range(4)] for r in range(2)]
+    expected = [[[dz * beta * (grad_c[r][t][v] - grad_r[r][t][v]) for v in range(5)] for t in range(4)]
+                for r in range(2)]
     assert torch.allclose(logits.grad, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
 
 
@@ -292,7 +295,8 @@ def test_reference_logps_are_the_supervised_policys_and_training_leaves_them(dpo
 
     from socratune.config import config_from_dict
     from socratune.examples import load_tokenizer_for
-    from socratune.preference import encode_pairs, load_policy, reference_logps
+    from socratune.modeling import detect_hardware, load_configured_base
+    from socratune.preference import encode_pairs, reference_logps, supervised_adapter
     from socratune.prefs import read_pairs
     from socratune.rundir import RunDir
 
@@ -300,12 +304,17 @@ def test_reference_logps_are_the_supervised_policys_and_training_leaves_them(dpo
     config = config_from_dict(yaml.safe_load((dpo_run / "config.yaml").read_text(encoding="utf-8")), "config")
     stored = {int(k): v for k, v in run.read_json("reference_logps.json")["logps"].items()}
     features, _ = encode_pairs(load_tokenizer_for(config), read_pairs(config.prefs.pairs), config.data.max_seq_len)
-    supervised, _, _ = load_policy(config, run, RunDir(default_run))
+
+    def policy(adapter_run: Path):  # the preference run's base with ``adapter_run``'s adapter, as training loads it
+        config.prefs.from_run = str(adapter_run)
+        return supervised_adapter(config, load_configured_base(config, str(run.base_dir), detect_hardware()), False)
+
+    supervised = policy(default_run)
     pad = load_tokenizer_for(config).pad_token_id
     again = reference_logps(supervised, features, pad, batch_size=8)
     assert stored.keys() == again.keys()
     assert max(abs(a - b) for k in stored for a, b in zip(stored[k], again[k])) < 1e-3
-    trained, _, _ = load_policy(config, run, run)
+    trained = policy(dpo_run)
     moved = reference_logps(trained, features, pad, batch_size=8)
     assert max(abs(a - b) for k in stored for a, b in zip(stored[k], moved[k])) > 1e-2
 
@@ -335,6 +344,56 @@ def test_changed_pairs_are_refused_and_bad_pairs_exit_2(dpo_run, default_run, pa
     assert main(dpo_args(default_run, bad, dpo_inputs, tmp_path / "new")) == 2
     assert f"{bad}:2: missing 'prompt', 'rejected'" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # nothing written for bad input
+
+
+@pytest.mark.slow
+def test_dpo_final_adapter_is_its_selected_checkpoint(dpo_run):
+    """A preference run selects its final step like a supervised one (train.select, here the
+    supervised run's, inherited; best_eval_loss would read the preference loss): the best
+    trained evaluation by that metric, and the final adapter holds exactly that checkpoint's
+    tensors."""
+    import csv
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from socratune.selection import SELECTION_METRIC
+
+    select = yaml.safe_load((dpo_run / "config.yaml").read_text(encoding="utf-8"))["train"]["select"]
+    summary = json.loads((dpo_run / "training_summary.json").read_text(encoding="utf-8"))
+    with (dpo_run / "metrics.csv").open(encoding="utf-8") as handle:
+        evals = [r for r in csv.DictReader(handle) if r["eval_loss"] and r["step"] != "0"]
+    assert evals[-1]["step"] == str(summary["global_step"])  # the last step is evaluated too
+    selected = summary["selected"]
+    if select != "last":
+        metric, lower_is_better = SELECTION_METRIC[select]
+        sign = 1 if lower_is_better else -1
+        best = min(evals, key=lambda r: (sign * float(r[metric]), int(r["step"])))
+        assert selected["by"] == select and selected["step"] == int(best["step"])
+    final = load_file(dpo_run / "adapter" / "adapter_model.safetensors")
+    chosen = load_file(dpo_run / "checkpoints" / f"checkpoint-{selected['step']}" / "adapter_model.safetensors")
+    assert final.keys() == chosen.keys() and all(bool((final[k] == chosen[k]).all()) for k in final)
+    assert f"final adapter: the weights of step {selected['step']}" in (dpo_run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_failed_dpo_overwrite_puts_the_finished_run_back_and_a_failed_new_run_leaves_nothing(
+        dpo_run, default_run, pairs_file, tmp_path, capsys):
+    """The start fails after ``--overwrite`` moved the finished run aside and the model was
+    loaded (the style profile named does not exist): the run is moved back untouched."""
+    from test_runs import tree_digest
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMALL_DPO.replace("style:\n", "style:\n  profile: no_such_profile\n"), encoding="utf-8")
+    run = Path(shutil.copytree(dpo_run, tmp_path / "run"))
+    before = tree_digest(run)
+    capsys.readouterr()
+    assert main([*dpo_args(default_run, pairs_file, bad, run), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_profile" in err and "Traceback" not in err
+    assert tree_digest(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "run"]
+    assert main(dpo_args(default_run, pairs_file, bad, tmp_path / "new")) == 2
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 from socratune.evaluate import Subject, adapter_fingerprint, merge_identical
 from socratune.selection import best_evaluation, describe_selection, is_new_best, last_is_clearly_worse, select_step
@@ -118,8 +119,11 @@ def test_a_new_best_evaluation_is_saved_and_the_last_step_is_evaluated():
         best.on_evaluate(None, state, control)
         assert control.should_save is saved, step
     control = TrainerControl()
-    best.on_step_end(None, TrainerState(global_step=80, max_steps=80), control)
+    best.on_step_end(SimpleNamespace(eval_strategy="steps"), TrainerState(global_step=80, max_steps=80), control)
     assert control.should_evaluate
+    control = TrainerControl()  # a preference run with prefs.eval_frac 0 has nothing to evaluate on
+    best.on_step_end(SimpleNamespace(eval_strategy="no"), TrainerState(global_step=80, max_steps=80), control)
+    assert not control.should_evaluate
     control = TrainerControl()
     BestCheckpointCallback("last").on_evaluate(None, TrainerState(global_step=20, log_history=HISTORY[:3]), control)
     assert not control.should_save

@@ -163,7 +163,8 @@ def test_validate_reports_each_rejection_and_writes_the_rejected_file(tmp_path, 
                          {"role": "model", "content": "では、君は勇気をどこで見たことがあるのかね？"}]}
     long_reply = {"messages": [{"role": "user", "content": "長い話をしてください。"},
                                {"role": "model", "content": "問いとは何かね？" * 400}]}
-    other = {"messages": [{"role": "user", "content": "正義とは？"}, {"role": "model", "content": "君はどう思うかね？"}]}
+    other = {"messages": [{"role": "user", "content": "正義とは？"},
+                          {"role": "model", "content": "君はどう思うかね？"}]}
     lines = [json.dumps(good, ensure_ascii=False), '{"messages": [{"role": "teacher", "content": "x"}]}',
              "not json", json.dumps(long_reply, ensure_ascii=False), json.dumps(other, ensure_ascii=False)]
     data = tmp_path / "mixed.jsonl"
@@ -205,3 +206,14 @@ def test_show_example_logs_the_trained_tokens_marked(tmp_path, capsys):
     shown = err.split("example with trained tokens marked ⟦…⟧:")[1]
     assert "⟦" in shown and "⟧" in shown
     assert "<start_of_turn>user" in shown.split("⟦")[0]  # the user turn comes before, unmarked
+
+
+def test_every_train_method_runs_the_one_recipe_with_its_own_steps():
+    """``train()`` looks a method's steps up in ``METHODS``: a method the config accepts but the
+    recipe lacks would fail at the start of every such run."""
+    from typing import get_args
+
+    from socratune.config import TrainSection
+    from socratune.train import METHODS
+
+    assert set(METHODS) == set(get_args(TrainSection.model_fields["method"].annotation))

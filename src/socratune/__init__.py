@@ -2,7 +2,7 @@
 
 Code map, in pipeline order. A module imports only from its own layer or lower ones. Layers 0-1
 import no torch or transformers when imported (tests/test_layers.py checks every module but the
-three of layer 3); layer 2 loads them inside the functions that need them.
+five of layer 3); layer 2 loads them inside the functions that need them.
 
 Layer 0: names, settings, files (no deep-learning stack)
   errors.py       SocratuneError and its kinds; every message names the file, row or key
@@ -26,14 +26,19 @@ Layer 1: from text to training examples and run decisions (still no torch at imp
 
 Layer 2: models (torch and transformers loaded when called)
   modeling.py     base models, 4-bit quantization, LoRA, loading a run for inference
-  examples.py     a config's data loaded, validated and tokenized with its tokenizer; reply prompts
+  examples.py     a config's data loaded, validated and tokenized with its tokenizer; reply prompts;
+                  supervised training's data steps and TrainingData, what any method's data step yields
   packing.py      padding-free batching
   generate.py     reply generation (batched, streamed)
 
 Layer 3: training (imports transformers at the top)
-  train.py        THE recipe: train(config), read top to bottom
+  train.py        THE recipe: train(config), read top to bottom, for every train.method (METHODS
+                  names the few steps where methods differ)
   hf_trainer.py   the transformers Trainer as configured here: arguments, one subclass, summary
+  preference.py   DPO / ORPO: the pairs' data steps, the supervised adapter continued, the losses
+                  and their Trainer, reference log-probs, the preference metrics
   callbacks.py    style monitoring, metrics, checkpoints (manifests, rotation, best step), signals
+  progress.py     the progress bar / line with the time left (a Trainer callback)
 
 Layer 4: using a trained run
   evaluate.py     running base / checkpoints / tuned on held-out prompts

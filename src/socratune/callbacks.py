@@ -129,7 +129,7 @@ class BestCheckpointCallback(TrainerCallback):
         self.ranks = ranks
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
+        if state.global_step >= state.max_steps and args.eval_strategy != "no":  # "no": nothing to evaluate on
             control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, **kwargs):

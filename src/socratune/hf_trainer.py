@@ -20,12 +20,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .callbacks import STYLE_RUNTIME
 from .config import Config
-from .data import ValidationReport, dataset_fingerprint
 from .memory import release_memory
 from .packing import make_collator
 from .plots import read_metrics
 from .scores import OVERALL, SCORE_KEYS, style_metric
-from .split import Split
 from .template import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
@@ -286,10 +284,11 @@ def summarize_run(state: TrainerState, metrics_path: Path, hardware: Hardware, d
     }
 
 
-def training_record(config: Config, source: str, trainer: Trainer, report: ValidationReport, split: Split,
+def training_record(config: Config, source: str, trainer: Trainer, data_record: dict[str, Any],
                     hardware: Hardware) -> dict[str, Any]:
     """``training_config.json``: everything needed to understand or repeat the run (config, base,
-    the Trainer's arguments, data counts and split, hardware, versions); holds no token or secret."""
+    the Trainer's arguments, the data as the method describes it, hardware, versions); holds no
+    token or secret."""
     from importlib.metadata import version
 
     args = {k: v for k, v in trainer.args.to_dict().items() if "token" not in k}
@@ -297,13 +296,7 @@ def training_record(config: Config, source: str, trainer: Trainer, report: Valid
         "config": config.to_dict(),
         "base_model": source,
         "training_arguments": args,
-        "data": {
-            "path": report.source,
-            "fingerprint": dataset_fingerprint(report.source),
-            "counts": report.counts(),
-            "split": {"seed": split.seed, "train": len(split.train), "eval": len(split.eval),
-                      "held_out": len(split.held_out)},
-        },
+        **data_record,
         "hardware": hardware.as_dict(),
         "versions": {p: version(p) for p in ("socratune", "torch", "transformers", "peft", "accelerate",
                                               "bitsandbytes")},

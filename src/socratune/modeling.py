@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelError
 from .tiny import materialize_tiny
+
+if TYPE_CHECKING:
+    from .config import Config
 
 TINY = "tiny"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -224,6 +227,15 @@ def keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def load_configured_base(config: Config, source: str, hardware: Hardware, sharded: bool = False):
+    """``load_base`` with the model and quantization settings of ``config`` (every training
+    method loads its base this way)."""
+    return load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
+                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
+                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
+                     trust_remote_code=config.model.trust_remote_code, sharded=sharded)
+
+
 def add_lora(
     model,
     *,
@@ -259,6 +271,15 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias=bias, task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config, autocast_adapter_dtype=not sharded)
+
+
+def add_configured_lora(config: Config, base, sharded: bool):
+    """``add_lora`` with the LoRA settings of ``config``: a supervised run's fresh adapter, its
+    random init drawn from the seed set before."""
+    return add_lora(base, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                    target_modules=config.lora.target_modules, bias=config.lora.bias,
+                    quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing,
+                    sharded=sharded)
 
 
 def load_adapter_for_inference(base, adapter_dir: Path):

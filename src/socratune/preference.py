@@ -1,6 +1,8 @@
-"""Preference tuning (DPO, ORPO) inside socratune's own Trainer, with the run management of a
-supervised run: ``train(config)`` hands a config whose ``train.method`` is ``dpo`` or ``orpo`` to
-``train_preferences`` here.
+"""Preference tuning (DPO, ORPO) inside socratune's own Trainer.
+
+The steps where a preference run differs from a supervised one (its data: pairs; its model: the
+supervised adapter continued; its Trainer: the loss below) are here; ``train`` (train.py) runs
+them inside the run management, selection of the final step and bundle check every method shares.
 
 The policy starts as the supervised run's final adapter (``prefs.from_run``), loaded trainable
 on the same base. DPO's reference is that same supervised policy, and its log-probabilities are
@@ -26,17 +28,19 @@ Only the final reply's tokens are scored (the prompt's earlier bot turns are con
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .callbacks import METRIC_COLUMNS, TrainingMonitorCallback
-from .config import Config, dump_yaml
+from .config import Config
 from .data import dataset_fingerprint
-from .errors import ConfigError, DataError, RunDirError, TrainingInterrupted
-from .hf_trainer import EpochSeededLengthSampler, SocratuneTrainer
+from .distributed import Ranks
+from .errors import ConfigError, DataError, RunDirError
+from .examples import TrainingData
+from .hf_trainer import EpochSeededLengthSampler, SocratuneTrainer, training_arguments
 from .prefs import (
     PAIRS_SPLIT,
     Pair,
@@ -45,19 +49,14 @@ from .prefs import (
     read_pairs,
     save_pairs_split,
 )
-from .rundir import (
-    CONFIG_YAML,
-    LOG,
-    METRICS,
-    PLOTS,
-    SUMMARY,
-    TRAINING_CONFIG,
-    RunDir,
-    replace_dir_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from .rundir import RunDir, write_json_atomic
 from .template import IGNORE_INDEX, bot_spans, chat_messages, supports_system_role
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from .train import BuiltModel, FitJob
 
 logger = logging.getLogger("socratune")
 REFERENCE_LOGPS = "reference_logps.json"
@@ -70,7 +69,8 @@ PREF_PNG = "preference.png"
 # --- encoding pairs -----------------------------------------------------------------------------
 
 
-def encode_reply(tokenizer: Any, prompt: list[dict[str, str]], reply: str, fold_system: bool) -> tuple[list[int], list[int]]:
+def encode_reply(tokenizer: Any, prompt: list[dict[str, str]], reply: str,
+                 fold_system: bool) -> tuple[list[int], list[int]]:
     """Token ids of prompt + reply in the chat template, labels on the reply's turn only."""
     messages = chat_messages([*prompt, {"role": "assistant", "content": reply}], fold_system)
     text, spans = bot_spans(tokenizer, messages)
@@ -225,7 +225,8 @@ class PreferenceTrainer(SocratuneTrainer):
 # --- the reference policy's log-probs -------------------------------------------------------------
 
 
-def reference_logps(model: Any, features: list[dict[str, Any]], pad_token_id: int, batch_size: int) -> dict[int, list[float]]:
+def reference_logps(model: Any, features: list[dict[str, Any]], pad_token_id: int,
+                    batch_size: int) -> dict[int, list[float]]:
     """``{pair line: [chosen, rejected]}`` summed reply log-probs under ``model`` as it is now."""
     import torch
 
@@ -272,8 +273,8 @@ def load_or_compute_reference(run: RunDir, model: Any, features: list[dict[str, 
 class PreferenceMonitorCallback(TrainingMonitorCallback):
     """The supervised monitor, with the reward and log-prob columns and their plot."""
 
-    def __init__(self, metrics_path: Path, plots_dir: Path):
-        super().__init__(metrics_path, plots_dir)
+    def __init__(self, metrics_path: Path, plots_dir: Path, run_name: str | None = None, select: str = "last"):
+        super().__init__(metrics_path, plots_dir, run_name, select)
         if not metrics_path.exists():
             self._columns = [*METRIC_COLUMNS, *PREF_COLUMNS]
 
@@ -317,7 +318,7 @@ def plot_preference_metrics(metrics_path: Path, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-# --- the run --------------------------------------------------------------------------------------
+# --- the steps of a preference run (train.py runs them for train.method dpo / orpo) -------------
 
 
 def check_preference_config(config: Config) -> tuple[Path, RunDir]:
@@ -338,156 +339,108 @@ def check_preference_config(config: Config) -> tuple[Path, RunDir]:
     return Path(config.prefs.pairs), source
 
 
-def train_preferences(config: Config, *, resume_from: str | None = None, overwrite: bool = False,
-                      delete_old: bool = False, allow_config_change: bool = False) -> Any:
-    """``train`` for ``train.method`` dpo / orpo: the same decisions on the run directory
-    (resume.plan_start, the lock, run.json, checkpoints, summary), on pairs instead of dialogues."""
-    import shutil
-
-    from .distributed import Ranks
-    from .examples import load_tokenizer_for
-    from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start
-    from .train import TrainResult, _attach_log_file, _detach_log_file
-
-    started = time.perf_counter()
-    pairs_path, source_run = check_preference_config(config)
-    run = RunDir(config.run.output_dir)
-    ranks = Ranks.from_env()
-    if ranks.distributed:
+def pairs_path_for(config: Config) -> Path:
+    """The pairs file the run is bound to, once the config can run: a preference run needs its
+    pairs and its supervised run, and runs in one process."""
+    path, _ = check_preference_config(config)
+    if Ranks.from_env().distributed:
         raise ConfigError("preference tuning runs in one process; launch it without torchrun / accelerate")
-    fingerprint = dataset_fingerprint(pairs_path)
+    return path
 
-    plan = StartPlan("new") if overwrite else plan_start(run, config.to_dict(), fingerprint, resume_from,
-                                                         allow_config_change)
-    if plan.kind == "finished":
-        return TrainResult(run.path, True, run.summary() or {})
-    for change in plan.guarded_changes:
-        logger.warning("continuing with a changed setting (--allow-config-change): %s", change)
 
-    pairs = read_pairs(pairs_path)  # FILE:LINE errors before anything is written
-    tokenizer = load_tokenizer_for(config)
+@dataclass
+class PreparedPairs:
+    """The pairs file read and encoded (``prepare_pairs``); nothing written yet."""
+
+    path: Path
+    pairs: list[Pair]
+    features: list[dict[str, Any]]  # in file order, the pairs that fit data.max_seq_len
+    skipped: list[str]
+
+
+def prepare_pairs(config: Config, tokenizer: PreTrainedTokenizerBase) -> PreparedPairs:
+    """Read (FILE:LINE errors) and encode the pairs; DataError when none fits. Writes nothing."""
+    path = Path(config.prefs.pairs)
+    pairs = read_pairs(path)
     features, skipped = encode_pairs(tokenizer, pairs, config.data.max_seq_len)
     for line in skipped[:10]:
-        logger.warning("pair left out (too long): %s:%s", pairs_path, line)
+        logger.warning("pair left out (too long): %s:%s", path, line)
     if not features:
-        raise DataError(f"every pair in {pairs_path} is longer than data.max_seq_len {config.data.max_seq_len}")
-    moved_aside = move_aside(run) if overwrite and run.exists() else None
-
-    with contextlib.ExitStack() as held:
-        held.enter_context(run.lock())
-        held.callback(_detach_log_file, _attach_log_file(run / LOG))
-        prepare_resume(run, plan.checkpoint)
-        record_start(run, plan, str(pairs_path), fingerprint)
-        write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
-        kept = [p for p in pairs if p.line in {f["line"] for f in features}]
-        split = decide_pairs_split(run / PAIRS_SPLIT, kept, config.prefs.split_seed, config.prefs.eval_frac)
-        save_pairs_split(split, run / PAIRS_SPLIT)
-        logger.info("pairs: %d train, %d eval (seed %d)%s", len(split["train"]), len(split["eval"]), split["seed"],
-                    f"; {len(skipped)} left out as too long" if skipped else "")
-        result = _fit_preferences(config, run, source_run, tokenizer, pairs, features, split, plan.checkpoint,
-                                  fingerprint, started)
-    if moved_aside is not None and delete_old:
-        shutil.rmtree(moved_aside)
-        result.notes.append(f"deleted the previous run {moved_aside}")
-    elif moved_aside is not None:
-        result.notes.append(f"the previous run is kept in {moved_aside}")
-    return result
+        raise DataError(f"every pair in {path} is longer than data.max_seq_len {config.data.max_seq_len}")
+    return PreparedPairs(path, pairs, features, skipped)
 
 
-def load_policy(config: Config, run: RunDir, source_run: RunDir) -> tuple[Any, str, Any]:
-    """The base of the run and the supervised adapter on it, trainable: ``(model, source, hardware)``."""
+def _kept(prepared: PreparedPairs) -> list[Pair]:
+    lines = {f["line"] for f in prepared.features}
+    return [p for p in prepared.pairs if p.line in lines]
+
+
+def write_pairs_split(run: RunDir, config: Config, prepared: PreparedPairs) -> None:
+    """The pairs' train/eval split by prompt (the saved one when the run continues, refused if
+    the pairs changed) in the run directory. Main process only."""
+    split = decide_pairs_split(run / PAIRS_SPLIT, _kept(prepared), config.prefs.split_seed, config.prefs.eval_frac)
+    save_pairs_split(split, run / PAIRS_SPLIT)
+    logger.info("pairs: %d train, %d eval (seed %d)%s", len(split["train"]), len(split["eval"]), split["seed"],
+                f"; {len(prepared.skipped)} left out as too long" if prepared.skipped else "")
+
+
+def pairs_data(run: RunDir, config: Config, prepared: PreparedPairs) -> TrainingData:
+    """The persisted split applied to the encoded pairs; the style callback answers the eval
+    pairs' prompts."""
+    train_pairs, eval_pairs = apply_pairs_split(run.read_json(PAIRS_SPLIT), _kept(prepared))
+    by_line = {f["line"]: f for f in prepared.features}
+    record = {
+        "from_adapter": str(RunDir(config.prefs.from_run).adapter_dir),
+        "pairs": {"path": str(config.prefs.pairs), "fingerprint": dataset_fingerprint(prepared.path),
+                  "total": len(prepared.pairs), "used": len(prepared.features), "train": len(train_pairs),
+                  "eval": len(eval_pairs)},
+        "reference": "supervised policy's log-probs, computed before step 1" if config.train.method == "dpo" else None,
+    }
+    return TrainingData([by_line[p.line] for p in train_pairs], [by_line[p.line] for p in eval_pairs],
+                        [p.prompt for p in eval_pairs], (eval_pairs or train_pairs)[0].prompt, record)
+
+
+def supervised_adapter(config: Config, base: PreTrainedModel, sharded: bool) -> PeftModel:
+    """The supervised run's final adapter on the base, trainable: where preference tuning starts
+    (and, for DPO, the reference policy). ``sharded`` is always False (one process)."""
     from peft import PeftModel
 
-    from .modeling import detect_hardware, load_base, resolve_model_source
-
-    hardware = detect_hardware()
-    source = resolve_model_source(config.model.name_or_path, run.base_dir)
-    base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
-                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
-                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
-                     trust_remote_code=config.model.trust_remote_code)
     if config.quant.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.model.gradient_checkpointing)
-    model = PeftModel.from_pretrained(base, str(source_run.adapter_dir), is_trainable=True)
-    return model, source, hardware
+    return PeftModel.from_pretrained(base, str(RunDir(config.prefs.from_run).adapter_dir), is_trainable=True)
 
 
-def _fit_preferences(config: Config, run: RunDir, source_run: RunDir, tokenizer: Any, pairs: list[Pair],
-                     features: list[dict[str, Any]], split: dict[str, Any], resume: Path | None, fingerprint: str,
-                     started: float) -> Any:
-    import signal
+def make_preference_trainer(job: FitJob, built: BuiltModel, callbacks: list[TrainerCallback]) -> PreferenceTrainer:
+    """The PreferenceTrainer over the pairs' features. For DPO the reference log-probs (stored,
+    or computed now while the policy is still the supervised model) are added to the features."""
+    from transformers import PrinterCallback
 
-    from transformers import PrinterCallback, set_seed
-
-    from .callbacks import CheckpointCallback, StopOnSignal, StyleCallback
-    from .hf_trainer import summarize_run, training_arguments
-    from .style import StyleScorer, load_profile
-    from .train import TrainResult
-
-    set_seed(config.train.seed)
-    model, source, hardware = load_policy(config, run, source_run)
-    by_line = {f["line"]: f for f in features}
+    config, prepared = job.config, job.prepared
     if config.train.method == "dpo":
-        # Before any step the policy *is* the supervised model: its log-probs are the reference.
-        reference = load_or_compute_reference(run, model, features, tokenizer.pad_token_id,
-                                              config.train.eval_batch_size, fingerprint)
+        # Over every kept pair in file order: the batches, and so the numbers, of the first start.
+        reference = load_or_compute_reference(job.run, built.model, prepared.features, job.tokenizer.pad_token_id,
+                                              config.train.eval_batch_size, job.fingerprint)
+        by_line = {f["line"]: f for f in prepared.features}
         for line, (chosen, rejected) in reference.items():
             if line in by_line:
                 by_line[line].update(ref_chosen=chosen, ref_rejected=rejected)
-    train_pairs, eval_pairs = apply_pairs_split(split, [p for p in pairs if p.line in by_line])
-    train_features = [by_line[p.line] for p in train_pairs]
-    eval_features = [by_line[p.line] for p in eval_pairs]
-
-    scorer = StyleScorer(load_profile(config.style.profile))
-    style = StyleCallback([p.prompt for p in eval_pairs][: config.style.eval_samples], scorer,
-                          config.style.max_new_tokens, config.train.eval_batch_size)
-    monitor = PreferenceMonitorCallback(run / METRICS, run / PLOTS)
-    stop = StopOnSignal()
-    args = training_arguments(config, hardware, run.checkpoints_dir, fresh=resume is None)
-    if not eval_features:
+    args = training_arguments(config, built.hardware, job.run.checkpoints_dir, fresh=job.resume is None)
+    if not job.data.eval:
         args.eval_strategy = "no"
         args.eval_on_start = False
-    trainer = PreferenceTrainer(model=model, args=args, data_collator=PairCollator(tokenizer.pad_token_id),
-                            train_dataset=train_features, eval_dataset=eval_features or None,
-                            processing_class=tokenizer,
-                            callbacks=[style, monitor, CheckpointCallback(config.train.save_total_limit), stop],
-                            method=config.train.method, beta=config.prefs.beta)
+    trainer = PreferenceTrainer(model=built.model, args=args, data_collator=PairCollator(job.tokenizer.pad_token_id),
+                                train_dataset=job.data.train, eval_dataset=job.data.eval or None,
+                                processing_class=job.tokenizer, callbacks=callbacks, method=config.train.method,
+                                beta=config.prefs.beta)
     trainer.remove_callback(PrinterCallback)
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    finally:
-        stop.restore()
-    if stop.received is not None:
-        raise TrainingInterrupted(f"training stopped by {signal.Signals(stop.received).name} at step "
-                                  f"{trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved",
-                                  stop.received, str(run.path), trainer.state.global_step)
+    return trainer
 
-    model.save_pretrained(run.staging_dir)
-    tokenizer.save_pretrained(run.staging_dir)
-    replace_dir_atomic(run.staging_dir, run.adapter_dir)
-    summary = summarize_run(trainer.state, run / METRICS, hardware, time.perf_counter() - started)
+
+def preference_summary(config: Config, trainer: Trainer) -> dict[str, Any]:
+    """What a preference run's summary adds: the method, the supervised run, and the last
+    evaluation's reward and log-prob means."""
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-    summary.update(epochs=config.train.epochs, method=config.train.method, from_run=str(source_run.path),
-                   **{f"{k}_final": evals[-1].get(f"eval_{k}") for k in PREF_METRICS if evals})
-    write_json_atomic(run / TRAINING_CONFIG, {
-        "config": config.to_dict(), "base_model": source, "from_adapter": str(source_run.adapter_dir),
-        "training_arguments": {k: v for k, v in trainer.args.to_dict().items() if "token" not in k},
-        "pairs": {"path": str(config.prefs.pairs), "fingerprint": fingerprint, "total": len(pairs),
-                  "used": len(features), "train": len(train_features), "eval": len(eval_features)},
-        "reference": "supervised policy's log-probs, computed before step 1" if config.train.method == "dpo" else None,
-        "hardware": hardware.as_dict(),
-    })
-
-    # The saved adapter must load with plain PEFT and answer: a broken bundle fails here.
-    from .generate import GenParams, generate_replies
-    from .modeling import load_for_inference
-
-    reloaded, reloaded_tokenizer = load_for_inference(run.path)
-    prompt = eval_pairs[0].prompt if eval_pairs else train_pairs[0].prompt
-    reply = generate_replies(reloaded, reloaded_tokenizer, [prompt], GenParams(max_new_tokens=config.style.max_new_tokens))[0]
-    summary["sample_reply"] = {"prompt": prompt[-1]["content"], "reply": reply}
-    write_json_atomic(run / SUMMARY, summary)
-    return TrainResult(run.path, False, summary, prompt[-1]["content"], reply)
-
+    return {"method": config.train.method, "from_run": str(RunDir(config.prefs.from_run).path),
+            **{f"{k}_final": evals[-1].get(f"eval_{k}") for k in PREF_METRICS if evals}}

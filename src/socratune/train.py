@@ -6,9 +6,11 @@ Nothing is written before the data has been validated and tokenized, so bad inpu
 disk untouched. Progress goes to the ``socratune`` logger (the CLI shows it; ``train.log`` in
 the run directory keeps it); nothing here prints or exits.
 
-Seams: a training method other than supervised fine-tuning differs in its data and loss only,
-that is in ``make_trainer`` (the Trainer and its datasets); run management, selection of the
-final step, saving and checking the bundle are shared.
+Every ``train.method`` runs this one recipe: run management (new / resume / finished, the lock,
+``--overwrite`` undone when a start fails), selection of the final step, saving and checking the
+bundle. Where methods must differ (their data, the adapter they start from, their Trainer, what
+their summary adds) the recipe calls the ``Method`` steps that ``METHODS`` names for them:
+supervised fine-tuning's from examples.py and here, preference tuning's from preference.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,21 +37,38 @@ from .callbacks import (
     TrainingMonitorCallback,
 )
 from .config import Config, dump_yaml
-from .data import ValidationReport, dataset_fingerprint, write_rejections
+from .data import dataset_fingerprint
 from .distributed import Ranks, sharding_engine
 from .errors import TrainingInterrupted
-from .examples import data_path_for, load_tokenizer_for, prepare_examples, reply_prompts
+from .examples import (
+    TrainingData,
+    data_path_for,
+    load_tokenizer_for,
+    prepare_supervised,
+    supervised_data,
+    write_supervised_split,
+)
 from .generate import GenParams, generate_replies
 from .hf_trainer import adapter_state_for_saving, build_trainer, summarize_run, training_record
 from .memory import resource_usage
 from .modeling import (
     Hardware,
-    add_lora,
+    add_configured_lora,
     check_saved_adapter,
     detect_hardware,
-    load_base,
+    load_configured_base,
     load_for_inference,
     resolve_model_source,
+)
+from .preference import (
+    PreferenceMonitorCallback,
+    make_preference_trainer,
+    pairs_data,
+    pairs_path_for,
+    preference_summary,
+    prepare_pairs,
+    supervised_adapter,
+    write_pairs_split,
 )
 from .progress import ProgressCallback
 from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start, start_guard
@@ -58,8 +78,6 @@ from .rundir import (
     MANIFEST,
     METRICS,
     PLOTS,
-    REJECTED,
-    SPLIT,
     SUMMARY,
     TRAINING_CONFIG,
     RunDir,
@@ -69,14 +87,13 @@ from .rundir import (
     write_text_atomic,
 )
 from .selection import Selected, select_step
-from .split import Split, apply_split, load_split, save_split, split_for_run
 from .style import StyleScorer, load_profile
-from .template import Example, show_example
+from .template import show_example
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger("socratune")
 
@@ -96,18 +113,17 @@ class TrainResult:
 
 @dataclass
 class FitJob:
-    """What steps 1-3 prepared for the fit: the run, its validated data split into examples, and
+    """What steps 1-3 prepared for the fit: the run, its validated data split for the Trainer, and
     the checkpoint it resumes from (None: a fresh start)."""
 
     config: Config
+    method: Method
     run: RunDir
     ranks: Ranks
     tokenizer: PreTrainedTokenizerBase
-    report: ValidationReport
-    split: Split
-    train_examples: list[Example]
-    eval_examples: list[Example]
-    eval_conversations: list[list[dict[str, str]]]  # held-out prompts the style callback answers
+    prepared: Any  # what the method's ``prepare`` step returned
+    data: TrainingData
+    fingerprint: str  # of the data file the run is bound to
     resume: Path | None
     started: float  # perf_counter() at the start of ``train``
 
@@ -123,26 +139,56 @@ class BuiltModel:
     sharded: bool  # its tensors are sharded over the processes (FSDP / ZeRO-3 on GPUs)
 
 
+@dataclass(frozen=True)
+class Method:
+    """The steps where one ``train.method`` differs from another; ``train`` runs all the rest the
+    same way for every method. Numbers are the recipe's steps."""
+
+    data_path: Callable[[Config], Path]  # 0. the file the run is bound to; refuses a config it cannot run
+    prepare: Callable[[Config, PreTrainedTokenizerBase], Any]  # 2. load, validate, tokenize: writes nothing
+    write_split: Callable[[RunDir, Config, Any], None]  # 3. the split on disk (main process)
+    read_split: Callable[[RunDir, Config, Any], TrainingData]  # 3. the persisted split applied (every process)
+    adapter: Callable[[Config, PreTrainedModel, bool], PeftModel]  # 4. the trained adapter on the base
+    monitor: type[TrainingMonitorCallback]  # 5. metrics.csv and plots
+    make_trainer: Callable[[FitJob, BuiltModel, list[TrainerCallback]], Trainer]  # 5. data and loss
+    summary: Callable[[Config, Trainer], dict[str, Any]]  # 7. what the method adds to the summary
+
+
+def make_supervised_trainer(job: FitJob, built: BuiltModel, callbacks: list[TrainerCallback]) -> Trainer:
+    """socratune's Trainer over the dialogues' examples (next-token loss on the trained tokens)."""
+    return build_trainer(job.config, built.hardware, built.model, job.tokenizer, job.run.checkpoints_dir,
+                         job.data.train, job.data.eval, callbacks=callbacks, fresh=job.resume is None)
+
+
+def nothing_to_add(config: Config, trainer: Trainer) -> dict[str, Any]:
+    """A supervised run's summary is the shared one."""
+    return {}
+
+
+SUPERVISED = Method(data_path_for, prepare_supervised, write_supervised_split, supervised_data, add_configured_lora,
+                    TrainingMonitorCallback, make_supervised_trainer, nothing_to_add)
+PREFERENCE = Method(pairs_path_for, prepare_pairs, write_pairs_split, pairs_data, supervised_adapter,
+                    PreferenceMonitorCallback, make_preference_trainer, preference_summary)
+METHODS = {"sft": SUPERVISED, "dpo": PREFERENCE, "orpo": PREFERENCE}
+
+
 def train(config: Config, *, resume_from: str | None = None, show_example_first: bool = False,
           overwrite: bool = False, delete_old: bool = False, allow_config_change: bool = False) -> TrainResult:
     """Run, resume, continue or recognise as finished the training described by ``config``.
 
     ``overwrite`` moves an existing run aside (``RUN.old-TIMESTAMP``) and starts over;
     ``delete_old`` removes that moved-aside run once the new one has finished.
-    Raises RunDirError for a refused start (in use, guarded settings changed), DataError for
-    unusable data and TrainingInterrupted after SIGTERM/SIGINT saved a checkpoint.
+    Raises RunDirError for a refused start (in use, guarded settings changed), ConfigError for a
+    method's missing settings, DataError for unusable data and TrainingInterrupted after
+    SIGTERM/SIGINT saved a checkpoint.
     """
     load_profile(config.style.profile)  # a bad style.profile fails here, not after the run directory is written
-    if config.train.method != "sft":  # DPO / ORPO on preference pairs: preference.py, same run management
-        from .preference import train_preferences
-
-        return train_preferences(config, resume_from=resume_from, overwrite=overwrite, delete_old=delete_old,
-                                 allow_config_change=allow_config_change)
     started = time.perf_counter()
+    method = METHODS[config.train.method]
+    data_path = method.data_path(config)
     run = RunDir(config.run.output_dir)
     ranks = Ranks.from_env()  # under torchrun / accelerate launch: main decides and writes, all train
     ranks.start()
-    data_path = data_path_for(config)
     fingerprint = dataset_fingerprint(data_path)
 
     # 1. New, resume or finished: decided from files on disk, before anything is written.
@@ -155,25 +201,21 @@ def train(config: Config, *, resume_from: str | None = None, show_example_first:
 
     # 2. Data: load, validate, template and tokenize, all before anything is written.
     tokenizer = load_tokenizer_for(config)
-    report, examples = prepare_examples(config, tokenizer)
-    logger.info(report.summary())
+    prepared = method.prepare(config, tokenizer)
     moved_aside = ranks.decide(partial(_move_aside_for_overwrite, run, overwrite))
 
     with start_guard(run, moved_aside, enabled=ranks.is_main), contextlib.ExitStack() as held:
-        # 3. The run directory (main process): lock, config, rejected rows and the split on disk
-        #    before training; then every process reads the persisted split.
+        # 3. The run directory (main process): lock, config and the split on disk before
+        #    training; then every process reads the persisted split.
         ranks.decide(partial(_hold_lock, held, run))
         if ranks.is_main:
             held.callback(_detach_log_file, _attach_log_file(run / LOG))
-        ranks.decide(partial(_open_run, run, plan, config, report, data_path, fingerprint, ranks.world_size))
-        split = load_split(run / SPLIT)
-        train_dialogues, eval_dialogues = apply_split(split, report.kept)
-        by_id = {e.dialogue_id: e for e in examples}
-        train_examples = [by_id[d.id] for d in train_dialogues]
-        if show_example_first and ranks.is_main:
-            logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, train_examples[0]))
-        job = FitJob(config, run, ranks, tokenizer, report, split, train_examples,
-                     [by_id[d.id] for d in eval_dialogues], reply_prompts(eval_dialogues), plan.checkpoint, started)
+        ranks.decide(partial(_open_run, run, method, plan, config, prepared, data_path, fingerprint,
+                             ranks.world_size))
+        data = method.read_split(run, config, prepared)
+        if show_example_first and ranks.is_main and method is SUPERVISED:  # a templated dialogue, not a pair
+            logger.info("example with trained tokens marked ⟦…⟧:\n%s", show_example(tokenizer, data.train[0]))
+        job = FitJob(config, method, run, ranks, tokenizer, prepared, data, fingerprint, plan.checkpoint, started)
         result = fit_and_save(job)
     if moved_aside is not None and ranks.is_main and delete_old:
         shutil.rmtree(moved_aside)
@@ -217,18 +259,13 @@ def _hold_lock(held: contextlib.ExitStack, run: RunDir) -> None:
     held.enter_context(run.lock())
 
 
-def _open_run(run: RunDir, plan: StartPlan, config: Config, report: ValidationReport, data_path: Path,
+def _open_run(run: RunDir, method: Method, plan: StartPlan, config: Config, prepared: Any, data_path: Path,
               fingerprint: str, world_size: int) -> None:
     """Write what the run starts from (main process only), after tidying up for a resume."""
     prepare_resume(run, plan.checkpoint)
     record_start(run, plan, str(data_path), fingerprint, world_size)
     write_text_atomic(run / CONFIG_YAML, dump_yaml(config))
-    write_rejections(report.rejections, run / REJECTED)
-    split = split_for_run(run / SPLIT, report.kept, config.data.split_seed, config.data.train_frac,
-                          config.data.eval_cap)
-    save_split(split, run / SPLIT)
-    logger.info("split: %d train, %d eval, %d held out (seed %d)",
-                len(split.train), len(split.eval), len(split.held_out), split.seed)
+    method.write_split(run, config, prepared)
     if plan.checkpoint:
         logger.info("%s from %s", "continuing the finished run for more epochs" if plan.more_epochs else "resuming",
                     plan.checkpoint)
@@ -250,8 +287,9 @@ def _detach_log_file(handler: logging.Handler) -> None:
 
 
 def build_model(job: FitJob) -> BuiltModel:
-    """4. The base (4-bit for QLoRA) plus a fresh LoRA adapter, its random init drawn from the
-    run's seed so two runs of one config start from the same weights.
+    """4. The base (4-bit for QLoRA) plus the method's adapter (a fresh LoRA, or the supervised
+    one continued), its random parts drawn from the run's seed so two runs of one config start
+    from the same weights.
 
     Under FSDP / ZeRO-3 (GPUs only: on a CPU accelerate runs an FSDP config as plain DDP) the
     model is built so that every tensor can be sharded."""
@@ -264,14 +302,7 @@ def build_model(job: FitJob) -> BuiltModel:
         logger.warning("FSDP config on a CPU: accelerate shards only on GPUs, so this run is plain data parallel "
                        "(every process holds the whole model)")
     source = ranks.main_first(partial(resolve_model_source, config.model.name_or_path, job.run.base_dir))
-    base = load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
-                     quant_type=config.quant.quant_type, double_quant=config.quant.double_quant,
-                     compute_dtype=config.quant.compute_dtype, attn_implementation=config.model.attn_implementation,
-                     trust_remote_code=config.model.trust_remote_code, sharded=sharded)
-    model = add_lora(base, r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                     target_modules=config.lora.target_modules, bias=config.lora.bias,
-                     quantized=config.quant.load_in_4bit, gradient_checkpointing=config.model.gradient_checkpointing,
-                     sharded=sharded)
+    model = job.method.adapter(config, load_configured_base(config, source, hardware, sharded), sharded)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("model %s on %s: %d trainable of %d parameters (%.2f%%); memory before training: %s",
                 source, hardware.name, trainable, total, 100 * trainable / total,
@@ -280,26 +311,25 @@ def build_model(job: FitJob) -> BuiltModel:
 
 
 def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]:
-    """5. The Trainer over the job's examples, with the style, monitor, checkpoint and signal
-    callbacks. The one place where the training method (its data and loss) is chosen."""
+    """5. The method's Trainer over the job's data, with the style, monitor, best-step,
+    checkpoint and signal callbacks every method shares."""
     config, run, ranks = job.config, job.run, job.ranks
     select = config.train.select
     scorer = StyleScorer(load_profile(config.style.profile))
-    style = StyleCallback(job.eval_conversations[: config.style.eval_samples], scorer, config.style.max_new_tokens,
-                          config.train.eval_batch_size, sharded=built.sharded and ranks.distributed)
+    style = StyleCallback(job.data.eval_conversations[: config.style.eval_samples], scorer,
+                          config.style.max_new_tokens, config.train.eval_batch_size,
+                          sharded=built.sharded and ranks.distributed)
     stop = StopOnSignal(ranks)
     # Order matters: the style numbers are added to an evaluation before the others read it.
     callbacks: list[TrainerCallback] = [
         style,
-        TrainingMonitorCallback(run / METRICS, run / PLOTS, run.path.name, select),
+        job.method.monitor(run / METRICS, run / PLOTS, run.path.name, select),
         BestCheckpointCallback(select, ranks),
         CheckpointCallback(config.train.save_total_limit, ranks, select),
         stop,
         ProgressCallback(),
     ]
-    trainer = build_trainer(config, built.hardware, built.model, job.tokenizer, run.checkpoints_dir,
-                            job.train_examples, job.eval_examples, callbacks=callbacks, fresh=job.resume is None)
-    return trainer, stop
+    return job.method.make_trainer(job, built, callbacks), stop
 
 
 def fit(job: FitJob, trainer: Trainer, stop: StopOnSignal) -> None:
@@ -337,7 +367,8 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     summary = summarize_run(state, run / METRICS, built.hardware, time.perf_counter() - job.started)
     summary["epochs"] = config.train.epochs
     summary["selected"] = selected.as_dict()
-    write_json_atomic(run / TRAINING_CONFIG, training_record(config, built.source, trainer, job.report, job.split,
+    summary.update(job.method.summary(config, trainer))
+    write_json_atomic(run / TRAINING_CONFIG, training_record(config, built.source, trainer, job.data.record,
                                                              built.hardware))
     return summary, selected
 
@@ -360,8 +391,7 @@ def check_bundle(job: FitJob, built: BuiltModel, adapter_state: dict[str, torch.
         write_json_atomic(run / SUMMARY, summary)
         return TrainResult(run.path, False, summary, notes=[note])
     reloaded, reloaded_tokenizer = load_for_inference(run.path)
-    conversations = job.eval_conversations
-    prompt = conversations[0] if conversations else [{"role": "user", "content": "幸福とは何だろうか？"}]
+    prompt = job.data.sample_prompt
     reply = generate_replies(reloaded, reloaded_tokenizer, [prompt],
                              GenParams(max_new_tokens=job.config.style.max_new_tokens))[0]
     summary["sample_reply"] = {"prompt": prompt[-1]["content"], "reply": reply}
