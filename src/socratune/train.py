@@ -152,6 +152,7 @@ class Method:
     monitor: type[TrainingMonitorCallback]  # 5. metrics.csv and plots
     make_trainer: Callable[[FitJob, BuiltModel, list[TrainerCallback]], Trainer]  # 5. data and loss
     summary: Callable[[Config, Trainer], dict[str, Any]]  # 7. what the method adds to the summary
+    selection: Callable[[Config], str]  # 5, 7. the rule that picks the step whose weights are kept
 
 
 def make_supervised_trainer(job: FitJob, built: BuiltModel, callbacks: list[TrainerCallback]) -> Trainer:
@@ -160,15 +161,27 @@ def make_supervised_trainer(job: FitJob, built: BuiltModel, callbacks: list[Trai
                          job.data.train, job.data.eval, callbacks=callbacks, fresh=job.resume is None)
 
 
+def configured_selection(config: Config) -> str:
+    """A supervised run keeps the step ``train.select`` names (docs/selection.md)."""
+    return config.train.select
+
+
+def last_step(config: Config) -> str:
+    """A preference run keeps its last step: its eval loss falls as the margin grows even while the
+    model drifts from the supervised one, and its style score is the reward itself on a few
+    replies, so neither can pick a step (docs/selection.md); β and the run's length are the limit."""
+    return "last"
+
+
 def nothing_to_add(config: Config, trainer: Trainer) -> dict[str, Any]:
     """A supervised run's summary is the shared one."""
     return {}
 
 
 SUPERVISED = Method(data_path_for, prepare_supervised, write_supervised_split, supervised_data, add_configured_lora,
-                    TrainingMonitorCallback, make_supervised_trainer, nothing_to_add)
+                    TrainingMonitorCallback, make_supervised_trainer, nothing_to_add, configured_selection)
 PREFERENCE = Method(pairs_path_for, prepare_pairs, write_pairs_split, pairs_data, supervised_adapter,
-                    PreferenceMonitorCallback, make_preference_trainer, preference_summary)
+                    PreferenceMonitorCallback, make_preference_trainer, preference_summary, last_step)
 METHODS = {"sft": SUPERVISED, "dpo": PREFERENCE, "orpo": PREFERENCE}
 
 
@@ -314,7 +327,7 @@ def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]
     """5. The method's Trainer over the job's data, with the style, monitor, best-step,
     checkpoint and signal callbacks every method shares."""
     config, run, ranks = job.config, job.run, job.ranks
-    select = config.train.select
+    select = job.method.selection(config)
     scorer = StyleScorer(load_profile(config.style.profile))
     style = StyleCallback(job.data.eval_conversations[: config.style.eval_samples], scorer,
                           config.style.max_new_tokens, config.train.eval_batch_size,
@@ -354,7 +367,8 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     # Closed checkpoints (manifest written) holding a whole adapter file can give the final weights.
     checkpoints = {checkpoint_step(p): p for p in run.checkpoints()
                    if (p / MANIFEST).is_file() and (p / SAFETENSORS_WEIGHTS_NAME).is_file()}
-    selected = select_step(state.log_history, config.train.select, state.global_step, checkpoints)
+    select = job.method.selection(config)
+    selected = select_step(state.log_history, select, state.global_step, checkpoints)
     built.model.save_pretrained(run.staging_dir, state_dict=adapter_state)
     if selected.step != state.global_step:
         # The checkpoint's adapter file holds exactly the weights of that step; copyfile keeps the
@@ -363,7 +377,7 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
                         run.staging_dir / SAFETENSORS_WEIGHTS_NAME)
     job.tokenizer.save_pretrained(run.staging_dir)
     replace_dir_atomic(run.staging_dir, run.adapter_dir)
-    logger.info("final adapter: the weights of step %d (train.select: %s)", selected.step, config.train.select)
+    logger.info("final adapter: the weights of step %d (selection: %s)", selected.step, select)
     summary = summarize_run(state, run / METRICS, built.hardware, time.perf_counter() - job.started)
     summary["epochs"] = config.train.epochs
     summary["selected"] = selected.as_dict()
