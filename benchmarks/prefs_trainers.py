@@ -56,7 +56,8 @@ def _judge(model, features, reference, pad) -> dict:
         z = BETA * ((pc - rc) - (pr - rr))
         losses.append(math.log1p(math.exp(-z)))
         correct += z > 0
-    return {"dpo_loss_all_pairs": round(sum(losses) / len(losses), 4), "reward_accuracy": round(correct / len(losses), 3)}
+    return {"dpo_loss_all_pairs": round(sum(losses) / len(losses), 4),
+            "reward_accuracy": round(correct / len(losses), 3)}
 
 
 def run_own(sft_run: str, pairs_path: str, steps: int) -> dict:
@@ -71,8 +72,9 @@ def run_own(sft_run: str, pairs_path: str, steps: int) -> dict:
     for f in features:
         f["ref_chosen"], f["ref_rejected"] = reference[f["line"]]
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-                                 lr_scheduler_type="constant", logging_steps=steps, save_strategy="no", report_to="none",
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps,
+                                 learning_rate=LR, lr_scheduler_type="constant", logging_steps=steps,
+                                 save_strategy="no", report_to="none",
                                  use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0,
                                  train_sampling_strategy="random", include_num_input_tokens_seen="non_padding")
         trainer = PreferenceTrainer(model=model, args=args, data_collator=PairCollator(tokenizer.pad_token_id),

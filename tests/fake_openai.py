@@ -48,7 +48,8 @@ class FakeOpenAI:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
-                    self._send(result.status, {"error": {"message": f"{result.message} {result.status}"}}, result.headers)
+                    self._send(result.status, {"error": {"message": f"{result.message} {result.status}"}},
+                               result.headers)
                     return
                 words = len(result.split())
                 self._send(200, {

@@ -166,7 +166,8 @@ def test_save_asks_before_writing_a_reply_with_broken_characters(default_model, 
 
     session = ChatSession(*default_model, GenParams(max_new_tokens=8))
     good = [{"role": "user", "content": SHORT}, {"role": "assistant", "content": "君はどう考えるのかね？"}]
-    broken = [*good, {"role": "user", "content": "徳とは？"}, {"role": "assistant", "content": "徳とは\ufffd\ufffdである。"}]
+    broken = [*good, {"role": "user", "content": "徳とは？"},
+              {"role": "assistant", "content": "徳とは\ufffd\ufffdである。"}]
     saved = tmp_path / "saved.jsonl"
     session.history = broken
     with pytest.raises(BrokenTextError, match=r"message\(s\) 4 of this conversation hold U\+FFFD"):

@@ -135,20 +135,22 @@ def build_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
         expected = "lone surrogate" if "surrogate" in label else name
         case(f"validate: {label}", lambda n: ["validate", n], lambda n, e=expected: e, inputs)
         case(f"train: {label}", lambda n: ["train", "--data", n, "--output", "out"], lambda n, e=expected: e, inputs)
-    for label, name in _config_inputs(probe).items():
+    for label, _name in _config_inputs(probe).items():
         def inputs(folder: Path, label: str = label) -> str:
             (folder / "a-directory").mkdir()
             return _config_inputs(folder)[label]
         case(f"train: {label}", lambda n: ["train", "--config", n, "--output", "out"], lambda n: n, inputs)
         if label in ("alias bomb", "epochs .inf", "config not UTF-8"):
             case(f"validate: {label}", lambda n: ["validate", "data.json", "--config", n], lambda n: n,
-                 lambda folder, inputs=inputs: (_write(folder, "data.json", json.dumps([GOOD_DIALOGUE])), inputs(folder))[1])
-    for label, name in _model_inputs(probe).items():
+                 lambda folder, inputs=inputs: (_write(folder, "data.json", json.dumps([GOOD_DIALOGUE])),
+                                                inputs(folder))[1])
+    for label, _name in _model_inputs(probe).items():
         def inputs(folder: Path, label: str = label) -> str:
             return _model_inputs(folder)[label]
         case(f"train: {label}", lambda n: ["train", "--model", n, "--output", "out"], lambda n: n, inputs)
         case(f"validate: {label}", lambda n: ["validate", "data.json", "--model", n], lambda n: n,
-             lambda folder, inputs=inputs: (_write(folder, "data.json", json.dumps([GOOD_DIALOGUE])), inputs(folder))[1])
+             lambda folder, inputs=inputs: (_write(folder, "data.json", json.dumps([GOOD_DIALOGUE])),
+                                            inputs(folder))[1])
 
     # Output directories that cannot be written.
     case("train: output under a file", lambda n: ["train", "--output", f"{n}/run"], lambda n: n,
@@ -200,7 +202,8 @@ def build_cases(root: Path) -> list[tuple[str, Path, list[str], str]]:
     case("evaluate --prompts FIFO", lambda n: ["evaluate", "run", "--prompts", n], lambda n: n,
          lambda folder: (tiny_run(folder), os.mkfifo(folder / "p.jsonl"))[0] and "p.jsonl")
     case("generate --input deep", lambda n: ["generate", "run", "--input", n], lambda n: n,
-         lambda folder: (tiny_run(folder), _write(folder, "p.jsonl", '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}\n"))[1])
+         lambda folder: (tiny_run(folder),
+                         _write(folder, "p.jsonl", '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}\n"))[1])
     case("score: missing", lambda n: ["score", n], lambda n: n, lambda folder: "missing.jsonl")
     return cases
 

@@ -125,7 +125,8 @@ def test_plain_peft_and_socratune_use_a_moved_or_copied_run_from_any_directory(
 
     assert main(["generate", str(elsewhere), "幸福とは何でしょうか？", "--max-new-tokens", "8"]) == 0
     checkpoint = RunDir(elsewhere).checkpoints()[-1]
-    assert main(["generate", str(elsewhere), "幸福とは？", "--checkpoint", checkpoint.name, "--max-new-tokens", "4"]) == 0
+    assert main(["generate", str(elsewhere), "幸福とは？", "--checkpoint", checkpoint.name,
+                 "--max-new-tokens", "4"]) == 0
     monkeypatch.setattr("sys.stdin", io.StringIO("こんにちは\n/quit\n"))
     assert main(["chat", str(elsewhere), "--max-new-tokens", "4"]) == 0
     assert "bot>" in capsys.readouterr().out

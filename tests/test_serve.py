@@ -479,7 +479,8 @@ def test_chat_page_failed_send_leaves_one_copy_in_the_box_and_says_why_in_japane
     browser.execute_script("arguments[0].value = ''", box)
     box.send_keys(QUESTION + Keys.ENTER)
     _wait_idle(browser)
-    assert _messages(browser)[-1] == ("msg error", "サーバーに接続できませんでした。サーバーが動いているか確かめてください。")
+    assert _messages(browser)[-1] == ("msg error",
+                                      "サーバーに接続できませんでした。サーバーが動いているか確かめてください。")
     assert [kind for kind, _ in _messages(browser)] == ["msg error", "msg error"]
     assert box.get_attribute("value") == QUESTION
     icon = browser.execute_script("return document.querySelector('link[rel=icon]').href")
@@ -503,7 +504,8 @@ def test_chat_page_asks_once_for_the_key_of_a_server_that_wants_one(loaded, brow
         browser.find_element("id", "input").send_keys(QUESTION + Keys.ENTER)
         _wait_idle(browser)
         assert [kind for kind, _ in _messages(browser)] == ["msg user", "msg assistant"]
-        assert browser.execute_script("return window.asked") == ["このサーバーには APIキーが必要です。キーを入力してください。"]
+        assert browser.execute_script("return window.asked") == [
+            "このサーバーには APIキーが必要です。キーを入力してください。"]
         browser.refresh()  # the key is kept for the tab: not asked again
         _wait_idle(browser)
         assert browser.execute_script("return window.asked") is None

@@ -221,7 +221,8 @@ def test_rejects_go_beside_the_output_with_reasons(fake, tmp_path):
     rejected = [json.loads(x) for x in (tmp_path / "dup.rejected.jsonl").read_text("utf-8").splitlines()]
     assert summary["kept"] + len(rejected) == 4
     assert all(r["reason"].startswith("near_duplicate: of dup.jsonl#") for r in rejected
-               if r["messages"][0]["content"] == json.loads(out.read_text("utf-8").splitlines()[0])["messages"][0]["content"])
+               if r["messages"][0]["content"]
+               == json.loads(out.read_text("utf-8").splitlines()[0])["messages"][0]["content"])
     # Against an existing data file: the kept dialogues above are near-duplicates of themselves.
     again = tmp_path / "again.jsonl"
     summary = synth(request(again, dialogues=4, turns=1, dedupe_against=(str(out),)), *clients(constant.url))

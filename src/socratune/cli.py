@@ -405,7 +405,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"  style scores, {name} (mean [p10-p90]): {cells or 'none'}")
     usage = summary["usage"]
     print(f"  tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion in "
-          f"{usage['requests']} requests ({usage['attempts'] - usage['requests']} retried)" + ("" if summary["cost"] is None else f"; cost {summary['cost']:.4f}"))
+          f"{usage['requests']} requests ({usage['attempts'] - usage['requests']} retried)"
+          + ("" if summary["cost"] is None else f"; cost {summary['cost']:.4f}"))
     run = summary["this_run"]
     print(f"  this run: {run['requests_per_s']:.2f} requests/s, {run['tokens_per_s']:.1f} tokens/s")
     return 0
@@ -648,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="default prefs.temperature")
     p.add_argument("--top-p", type=float, help="default prefs.top_p")
     p.add_argument("--max-new-tokens", type=int, help="default prefs.max_new_tokens")
-    p.add_argument("--min-margin", type=float, help="drop pairs ranked closer than this (0-4; default prefs.min_margin)")
+    p.add_argument("--min-margin", type=float,
+                   help="drop pairs ranked closer than this (0-4; default prefs.min_margin)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     p.add_argument("--profile", help="style profile (default: the run's style.profile)")
@@ -768,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "and near-duplicates are dropped. Keys come from environment variables only (docs/synth.md).\n"
                 "Run the same command again to continue where it stopped.",
                 "socratune synth --output data.jsonl --url http://127.0.0.1:8000/v1 --model tiny --dialogues 20")
-    p.add_argument("--output", metavar="OUT", help="JSONL file of kept dialogues (rejects go to OUT.rejected.jsonl beside it)")
+    p.add_argument("--output", metavar="OUT",
+                   help="JSONL file of kept dialogues (rejects go to OUT.rejected.jsonl beside it)")
     p.add_argument("--status", metavar="OUT", help="show done / kept / rejected of a synth output and exit")
     p.add_argument("--url", metavar="URL", help="OpenAI-compatible server for both roles (e.g. http://127.0.0.1:8000/v1)")
     p.add_argument("--model", metavar="M", help="model name for both roles")
@@ -776,17 +779,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-model", metavar="M", help="model for the student role (default --model)")
     p.add_argument("--socrates-url", metavar="URL", help="server for the Socrates role (default --url)")
     p.add_argument("--socrates-model", metavar="M", help="model for the Socrates role (default --model)")
-    p.add_argument("--config", metavar="FILE", help="synth profile YAML: questions, personas, prompts, per-role temperature and "
-                                    "max_tokens, thresholds, prices (default: the bundled one)")
+    p.add_argument("--config", metavar="FILE",
+                   help="synth profile YAML: questions, personas, prompts, per-role temperature and "
+                        "max_tokens, thresholds, prices (default: the bundled one)")
     p.add_argument("--dialogues", type=int, default=100, metavar="N",
                    help="dialogues in all; a rerun continues to this count (default %(default)s)")
-    p.add_argument("--turns", type=int, default=3, metavar="K", help="student/Socrates exchanges per dialogue (default %(default)s)")
+    p.add_argument("--turns", type=int, default=3, metavar="K",
+                   help="student/Socrates exchanges per dialogue (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=4, metavar="C",
                    help="dialogues in flight at once, and requests per endpoint (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="picks each dialogue's question, persona and sampling seeds (default %(default)s)")
-    p.add_argument("--min-score", type=float, metavar="S", help="overall style score (0-4) a dialogue needs; 0 keeps every "
-                                                   "completed one (default: the profile's filter.min_overall)")
+    p.add_argument("--min-score", type=float, metavar="S",
+                   help="overall style score (0-4) a dialogue needs; 0 keeps every "
+                        "completed one (default: the profile's filter.min_overall)")
     p.add_argument("--dedupe-against", action="append", metavar="FILE",
                    help="drop near-duplicates of the dialogues in this data file too (repeatable)")
     p.add_argument("--judge", metavar="URL", help="also rate every Socrates reply with this LLM judge")

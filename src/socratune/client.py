@@ -180,7 +180,8 @@ class ChatClient:
                 retried = exc.status_code in (408, 409, 429) or exc.status_code >= 500
                 tries = attempts if retried else 1
                 detail = _status_detail(exc)
-                raise EndpointFailed(self.redact(f"HTTP {exc.status_code}{detail} ({tries} attempt{'s' * (tries > 1)})"),
+                raise EndpointFailed(
+                    self.redact(f"HTTP {exc.status_code}{detail} ({tries} attempt{'s' * (tries > 1)})"),
                                      status=exc.status_code, attempts=tries) from None
             except (openai.APIError, ValueError) as exc:  # a 200 whose body is not a chat completion
                 raise EndpointFailed(self.redact(f"not a chat completion: {str(exc)[:200]}"), attempts=1) from None

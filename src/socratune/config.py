@@ -48,7 +48,8 @@ class ModelSection(Section):
 
 class QuantSection(Section):
     load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit with bitsandbytes")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit number format; nf4 suits normally distributed weights")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit number format; nf4 suits normally distributed weights")
     double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param saved)")
     compute_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype the 4-bit weights are dequantized to for each matmul (float32 on a CPU)"
@@ -136,9 +137,11 @@ class PrefsSection(Section):
     eval_frac: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts whose pairs are held out for eval")
     split_seed: int = Field(42, description="seed of the train / eval split of the pairs (by prompt)")
     samples: int = Field(6, ge=2, description="socratune prefs: replies sampled per prompt")
-    temperature: float = Field(0.7, gt=0, description="socratune prefs: sampling temperature (0.7 beat 1.0 in benchmarks/RESULTS.md: replies nearer the greedy ones the model is used with)")
+    temperature: float = Field(0.7, gt=0, description="socratune prefs: sampling temperature (0.7 beat 1.0 in "
+                               "benchmarks/RESULTS.md: replies nearer the greedy ones the model is used with)")
     top_p: float = Field(0.95, gt=0, le=1, description="socratune prefs: nucleus sampling mass")
-    max_new_tokens: int = Field(128, gt=0, description="socratune prefs: bound on each sampled reply (128 = evaluate's default, so pairs cover the lengths evaluation sees)")
+    max_new_tokens: int = Field(128, gt=0, description="socratune prefs: bound on each sampled reply (128 = "
+                                "evaluate's default, so pairs cover the lengths evaluation sees)")
     min_margin: float = Field(0.25, ge=0, description="socratune prefs: pairs whose ranking scores differ by less "
                               "are dropped (scores are 0-4)")
     weights: dict[Literal["tone", "approach", "format", "logic"], float] | None = Field(
@@ -150,14 +153,20 @@ class RunSection(Section):
 
 
 class Config(Section):
-    preset: str = Field(DEFAULT_PRESET, description="preset the other values start from (socratune config --preset NAME)")
+    preset: str = Field(DEFAULT_PRESET,
+                        description="preset the other values start from (socratune config --preset NAME)")
     model: ModelSection = Field(default_factory=ModelSection, description="the base model and how it is loaded")
-    quant: QuantSection = Field(default_factory=QuantSection, description="4-bit quantization of the frozen base (QLoRA)")
+    quant: QuantSection = Field(default_factory=QuantSection,
+                                description="4-bit quantization of the frozen base (QLoRA)")
     lora: LoraSection = Field(default_factory=LoraSection, description="the trained low-rank adapter")
-    data: DataSection = Field(default_factory=DataSection, description="the dialogues, their templating and the train/eval split")
-    train: TrainSection = Field(default_factory=TrainSection, description="optimizer, schedule, batches, evaluation and checkpoint cadence")
-    style: StyleSection = Field(default_factory=StyleSection, description="the Socratic style monitor run at each evaluation")
-    prefs: PrefsSection = Field(default_factory=PrefsSection, description="preference pairs and DPO / ORPO training (train.method)")
+    data: DataSection = Field(default_factory=DataSection,
+                              description="the dialogues, their templating and the train/eval split")
+    train: TrainSection = Field(default_factory=TrainSection,
+                                description="optimizer, schedule, batches, evaluation and checkpoint cadence")
+    style: StyleSection = Field(default_factory=StyleSection,
+                                description="the Socratic style monitor run at each evaluation")
+    prefs: PrefsSection = Field(default_factory=PrefsSection,
+                                description="preference pairs and DPO / ORPO training (train.method)")
     run: RunSection = Field(default_factory=RunSection, description="where the run lives")
 
     def to_dict(self) -> dict[str, Any]:

@@ -267,7 +267,8 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int | None, object]]:
         else:
             reason = "invalid_text" if _SURROGATE_PROBLEM in problem else "invalid_json"
             out.append((number, Rejection(str(path), len(out), number, reason,
-                                          f"not valid JSON at line {number}: {problem.removeprefix('invalid JSON: ')}")))
+                                          f"not valid JSON at line {number}: "
+                                          f"{problem.removeprefix('invalid JSON: ')}")))
     if out and all(isinstance(record, Rejection) and record.reason == "invalid_json" for _, record in out):
         # Not one line parsed: this is not JSONL with a few bad rows but a file of another kind.
         try:

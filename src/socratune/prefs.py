@@ -82,7 +82,8 @@ def read_pairs(path: str | Path) -> list[Pair]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
-        raise DataError(f"pairs file {path} does not exist; make one with: socratune prefs RUN --output {path}") from exc
+        raise DataError(f"pairs file {path} does not exist; "
+                        f"make one with: socratune prefs RUN --output {path}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read pairs file {path}: {exc}") from exc
     pairs: list[Pair] = []

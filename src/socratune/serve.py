@@ -737,7 +737,8 @@ class ChatServer:
         app = build_app(engine, self.loopback_only, self.api_key, self.cors_origins)
         # No limit_concurrency: uvicorn would answer a burst with plain-text 503s; the queue's
         # 429 is the limit, and the listen backlog holds a burst until it is accepted.
-        config = uvicorn.Config(app, http=_header_deadline_protocol(engine.limits.request_deadline_s), ws="none", lifespan="off", log_config=None, access_log=False,
+        config = uvicorn.Config(app, http=_header_deadline_protocol(engine.limits.request_deadline_s), ws="none",
+                                lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=math.ceil(engine.limits.socket_timeout_s),
                                 timeout_graceful_shutdown=5, backlog=1024, server_header=False)
         self._uvicorn = uvicorn.Server(config)

@@ -299,7 +299,8 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
                 floor = thresholds.min_axis.get(axis, 0.0)
                 if style[axis] < floor:
                     return line, f"low_score: {axis} {style[axis]:.2f} < {floor:g}"
-            if judged is not None and min_overall > 0 and (judged["mean"] is None or judged["mean"] < thresholds.min_judge):
+            if (judged is not None and min_overall > 0
+                    and (judged["mean"] is None or judged["mean"] < thresholds.min_judge)):
                 shown = "no score" if judged["mean"] is None else f"{judged['mean']:.2f}"
                 return line, f"low_judge_score: {shown} < {thresholds.min_judge:g}"
             twin = duplicates.find(dialogue_text(talk.messages))
