@@ -364,21 +364,34 @@ def test_dpo_final_adapter_is_its_last_step_whatever_train_select_says(dpo_run):
 
 @pytest.mark.slow
 def test_a_failed_dpo_overwrite_puts_the_finished_run_back_and_a_failed_new_run_leaves_nothing(
-        dpo_run, default_run, pairs_file, tmp_path, capsys):
-    """The start fails after ``--overwrite`` moved the finished run aside and the model was
-    loaded (the style profile named does not exist): the run is moved back untouched."""
+        dpo_run, default_run, pairs_file, tmp_path, capsys, monkeypatch):
+    """A bad style profile is refused before anything moves; a failure injected where the model is
+    built, after ``--overwrite`` moved the finished run aside, moves it back untouched."""
+    import socratune.train as recipe
+    from socratune.errors import ModelError
     from test_runs import tree_digest
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(SMALL_DPO.replace("style:\n", "style:\n  profile: no_such_profile\n"), encoding="utf-8")
+    good = tmp_path / "good.yaml"
+    good.write_text(SMALL_DPO, encoding="utf-8")
     run = Path(shutil.copytree(dpo_run, tmp_path / "run"))
     before = tree_digest(run)
     capsys.readouterr()
     assert main([*dpo_args(default_run, pairs_file, bad, run), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "no_such_profile" in err and "Traceback" not in err
-    assert tree_digest(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "run"]
-    assert main(dpo_args(default_run, pairs_file, bad, tmp_path / "new")) == 2
+
+    def model_that_cannot_be_built(job):
+        assert not run.exists() or tree_digest(run) != before  # the finished run was moved aside first
+        raise ModelError("injected: the model could not be built")
+
+    monkeypatch.setattr(recipe, "build_model", model_that_cannot_be_built)
+    assert main([*dpo_args(default_run, pairs_file, good, run), "--overwrite"]) == 2
+    assert "injected" in capsys.readouterr().err
+    assert tree_digest(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "good.yaml", "run"]
+    assert main(dpo_args(default_run, pairs_file, good, tmp_path / "new")) == 2
     assert not (tmp_path / "new").exists()
 
 
