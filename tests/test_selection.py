@@ -53,6 +53,9 @@ def test_closing_lines_name_the_step_and_warn_when_it_is_clearly_worse_than_the_
     assert "step 40 of 80" in lines[0] and lines[1].startswith("note:") and "step 40's" in lines[1]
     summary["selected"] = {"step": 80, "by": "best_style", "eval_loss": 5.2, "style_overall": 2.0}
     assert "chosen for its style score" in describe_selection(summary)[1]
+    preference = {**summary, "method": "dpo", "selected": select_step(HISTORY, "last", 80, [80]).as_dict()}
+    advice = describe_selection(preference)[1]  # train.select does not apply to a preference run
+    assert "keeps its last step" in advice and "train.select" not in advice
     summary["eval_loss_final"] = 4.6  # within 5% of the best: nothing to warn about
     summary["selected"] = select_step(HISTORY, "best_eval_loss", 80, [40, 80]).as_dict()
     assert len(describe_selection(summary)) == 1 and not last_is_clearly_worse(summary)

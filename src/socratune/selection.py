@@ -101,8 +101,12 @@ def describe_selection(summary: dict[str, Any]) -> list[str]:
              f"(train.select: {selected['by']}{'; ' + numbers if numbers else ''})"]
     best, best_step, chosen = summary.get("eval_loss_best"), summary.get("eval_loss_best_step"), selected["eval_loss"]
     if best is not None and chosen is not None and chosen > best * LAST_WORSE_RATIO:
-        advice = ("chosen for its style score" if selected["by"] == "best_style"
-                  else "train.select: best_eval_loss keeps the best step")
+        if summary.get("method") in ("dpo", "orpo"):  # a preference run keeps its last step (docs/selection.md)
+            advice = "a preference run keeps its last step: a larger prefs.beta or fewer epochs drift less"
+        elif selected["by"] == "best_style":
+            advice = "chosen for its style score"
+        else:
+            advice = "train.select: best_eval_loss keeps the best step"
         lines.append(f"warning: the eval loss at step {selected['step']}, {chosen:.4g}, is "
                      f"{100 * (chosen / best - 1):.0f}% above the best, {best:.4g} at step {best_step}: "
                      f"the model overfits; {advice}")
