@@ -237,6 +237,16 @@ def _parse_json_list(path: Path, text: str) -> list[tuple[int | None, object]]:
     return list(zip(_json_list_lines(text), records))
 
 
+def refuse_bad_lines(problems: list[str], path: Path, consequence: str) -> None:
+    """Raise one DataError listing ``FILE:LINE: what`` problems (ten shown, then a count), so every
+    line-checked JSONL input (prompts, pairs) reports bad lines alike; nothing when all lines are good."""
+    if not problems:
+        return
+    shown = "\n".join(f"  {p}" for p in problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    raise DataError(f"{len(problems)} bad line(s) in {path}; {consequence}:\n{shown}{more}")
+
+
 def jsonl_lines(text: str) -> Iterator[tuple[int, object, str | None]]:
     """``(line number, value, problem)`` for each non-blank line of JSON Lines text: the parsed
     value and None, or None and why the line is not JSON. The one reader behind every JSONL

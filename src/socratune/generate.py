@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import BOT, ROLE_ALIASES, jsonl_lines, read_text_file
+from .data import BOT, ROLE_ALIASES, jsonl_lines, read_text_file, refuse_bad_lines
 from .errors import DataError
 from .template import chat_messages, render, supports_system_role
 
@@ -252,10 +252,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
             problems.append(f"{path}:{number}: {parsed}")
         else:
             items.append(parsed)
-    if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(f"{len(problems)} bad line(s) in {path}; nothing was generated:\n{shown}{more}")
+    refuse_bad_lines(problems, path, "nothing was generated")
     if not items:
         raise DataError(f"{path} holds no prompt")
     return items

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .data import ROLE_ALIASES, jsonl_lines
+from .data import ROLE_ALIASES, jsonl_lines, refuse_bad_lines
 from .errors import DataError, RunDirError
 from .generate import _messages_problem
 from .rundir import write_json_atomic
@@ -95,10 +95,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
             continue
         prompt = [{"role": ROLE_ALIASES[m["role"]], "content": m["content"]} for m in value["prompt"]]
         pairs.append(Pair(number, prompt, value["chosen"].strip(), value["rejected"].strip()))
-    if problems:
-        shown = "\n".join(f"  {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(f"{len(problems)} bad line(s) in {path}; nothing was trained:\n{shown}{more}")
+    refuse_bad_lines(problems, path, "nothing was trained")
     if not pairs:
         raise DataError(f"{path} holds no pair")
     return pairs

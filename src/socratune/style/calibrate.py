@@ -35,7 +35,7 @@ from ..errors import ConfigError, DataError, quote_capped
 from ..rundir import write_text_atomic
 from ..scores import AXES
 from .profile import FEATURES, Calibration, StyleProfile
-from .scorer import StyleScorer, combine
+from .scorer import StyleScorer, combine, reply_line_problem
 
 MIN_ROWS = 20  # fewer ratings than this cannot say anything a fold could check
 DEFAULT_FOLDS = 5
@@ -69,12 +69,8 @@ class CalibrationResult:
 
 
 def _row_problem(item: Any) -> str | None:
-    if not isinstance(item, dict):
-        return f"expected a JSON object, got {type(item).__name__}"
-    if not isinstance(item.get("text"), str):
-        return "missing 'text'" if "text" not in item else "'text' must be a string"
-    if item.get("prompt") is not None and not isinstance(item["prompt"], str):
-        return "'prompt' must be a string or null"
+    if problem := reply_line_problem(item):  # a judged row is a scored reply plus its ratings
+        return problem
     if not isinstance(item.get("id", ""), (str, int)):
         return "'id' must be a string or a number"
     judge = item.get("judge")

@@ -703,7 +703,8 @@ def format_summary_table(summary: dict[str, float], n: int) -> str:
     return "\n".join(rows + [f"{axis:<10}{summary[axis]:>6.2f}" for axis in SCORE_KEYS if axis in summary])
 
 
-def _line_problem(item: Any) -> str | None:
+def reply_line_problem(item: Any) -> str | None:
+    """Why a JSONL line is not a reply to score (``text``, optional ``prompt``), or None."""
     if not isinstance(item, dict):
         return f"expected a JSON object, got {type(item).__name__}"
     if not isinstance(item.get("text"), str):
@@ -730,7 +731,7 @@ def score_jsonl(in_path: Path, out_path: Path | None = None,
     bad: list[str] = []
     scores: list[StyleScore] = []
     for number, item, problem in jsonl_lines(text):
-        if problem := problem or _line_problem(item):
+        if problem := problem or reply_line_problem(item):
             bad.append(f"{in_path}:{number}: {problem}")
             continue
         scores.append(scorer.score(item["text"], item.get("prompt")))
