@@ -165,6 +165,33 @@ def test_dpo_loss_and_gradients_match_the_formula_by_hand():
     assert torch.allclose(logits.grad, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
 
 
+def test_dpo_with_sft_weight_adds_the_chosen_replies_token_mean_nll():
+    import torch
+
+    from socratune.preference import preference_loss, sequence_logps
+
+    logits, labels = _tiny_batch()
+    logits.requires_grad_(True)
+    beta, weight, ref_chosen, ref_rejected = 0.5, 0.7, -6.0, -5.0
+    sums, counts = sequence_logps(logits, labels)
+    reference = torch.tensor([[ref_chosen, ref_rejected]], dtype=torch.float64)
+    loss, _, _ = preference_loss("dpo", sums, counts, reference, beta, sft_weight=weight)
+    loss.sum().backward()
+
+    plain, plain_labels = logits.detach().tolist(), labels.tolist()
+    pc, pr = _hand_logps(plain, plain_labels)
+    sigma = 1 / (1 + math.exp(-beta * ((pc - ref_chosen) - (pr - ref_rejected))))
+    assert float(loss) == pytest.approx(-math.log(sigma) + weight * (-pc / 2), rel=1e-10)  # 2 labelled tokens
+    # the NLL pulls only on the chosen row: d(w·(-pc/2))/dpc = -w/2
+    grad_c, grad_r = _hand_grad_of_logp(plain, plain_labels, 0), _hand_grad_of_logp(plain, plain_labels, 1)
+    dz = -(1 - sigma)
+    expected = [[[(dz * beta - weight / 2) * grad_c[r][t][v] - dz * beta * grad_r[r][t][v] for v in range(5)]
+                 for t in range(4)] for r in range(2)]
+    assert torch.allclose(logits.grad, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    without, _, _ = preference_loss("dpo", sums.detach(), counts, reference, beta)
+    assert float(without) == pytest.approx(-math.log(sigma), rel=1e-10)
+
+
 def test_orpo_loss_and_gradients_match_the_formula_by_hand():
     import torch
 

@@ -134,6 +134,10 @@ class PrefsSection(Section):
                                  "from (and, for dpo, the reference policy)")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the KL anchor to the reference; orpo: weight "
                         "of the odds-ratio term beside the chosen reply's NLL")
+    sft_weight: float = Field(1.0, ge=0, description="dpo: weight of the chosen replies' token-mean NLL added to "
+                              "the loss (RPO; TRL's rpo_alpha), which keeps them likely while the margin grows; "
+                              "0 = plain DPO, which drifted and lost on every axis in benchmarks/RESULTS.md "
+                              "(orpo always has it, at 1)")
     eval_frac: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts whose pairs are held out for eval")
     split_seed: int = Field(42, description="seed of the train / eval split of the pairs (by prompt)")
     samples: int = Field(6, ge=2, description="socratune prefs: replies sampled per prompt")

@@ -144,6 +144,12 @@ def dpo_loss(policy_chosen: Any, policy_rejected: Any, reference_chosen: Any, re
     return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
+def chosen_nll(chosen_sum: Any, chosen_count: Any) -> Any:
+    """Token-mean negative log-likelihood of the chosen replies in a batch: the supervised loss
+    that ORPO always carries and DPO adds at ``prefs.sft_weight``."""
+    return -chosen_sum.sum() / chosen_count.sum().clamp(min=1)
+
+
 def orpo_loss(chosen_sum: Any, chosen_count: Any, rejected_sum: Any, rejected_count: Any,
               beta: float) -> tuple[Any, Any, Any]:
     """ORPO (Hong et al. 2024): the chosen reply's token-mean NLL minus β·log σ(log odds ratio),
@@ -155,16 +161,33 @@ def orpo_loss(chosen_sum: Any, chosen_count: Any, rejected_sum: Any, rejected_co
     rejected_mean = rejected_sum / rejected_count.clamp(min=1)
     log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-torch.exp(chosen_mean)) -
                                                 torch.log1p(-torch.exp(rejected_mean)))
-    nll = -chosen_sum.sum() / chosen_count.sum().clamp(min=1)
-    return nll - beta * F.logsigmoid(log_odds), beta * chosen_mean, beta * rejected_mean
+    loss = chosen_nll(chosen_sum, chosen_count) - beta * F.logsigmoid(log_odds)
+    return loss, beta * chosen_mean, beta * rejected_mean
+
+
+def preference_loss(method: str, sums: Any, counts: Any, reference: Any, beta: float,
+                    sft_weight: float = 0.0) -> tuple[Any, Any, Any]:
+    """Per-pair loss and rewards of a batch whose first half holds the chosen replies' summed
+    log-probs (and token counts) and second half the rejected ones'; ``reference`` is the
+    reference policy's (chosen, rejected) log-probs per pair, for DPO."""
+    half = sums.shape[0] // 2
+    if method == "orpo":
+        return orpo_loss(sums[:half], counts[:half], sums[half:], counts[half:], beta)
+    losses, chosen, rejected = dpo_loss(sums[:half], sums[half:], reference[:, 0], reference[:, 1], beta)
+    if sft_weight:
+        losses = losses + sft_weight * chosen_nll(sums[:half], counts[:half])
+    return losses, chosen, rejected
 
 
 class PreferenceTrainer(SocratuneTrainer):
-    """DPO / ORPO loss in socratune's Trainer; reward metrics averaged per log / evaluation."""
+    """DPO / ORPO loss in socratune's Trainer; reward metrics averaged per log / evaluation.
+    ``sft_weight`` adds the chosen replies' NLL to the DPO loss (RPO): without it DPO may widen
+    the margin by making both replies unlikely, and the model drifts from what it was taught."""
 
-    def __init__(self, *args: Any, method: str = "dpo", beta: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, method: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.method, self.beta = method, beta
+        self.method, self.beta, self.sft_weight = method, beta, sft_weight
         self.loss_is_scaled_for_ga = False  # the loss is a mean over pairs: divide by accumulation steps
         self._stored: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
@@ -173,11 +196,8 @@ class PreferenceTrainer(SocratuneTrainer):
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         sums, counts = sequence_logps(logits, inputs["reply_labels"])
         half = sums.shape[0] // 2
-        if self.method == "dpo":
-            reference = inputs["reference_logps"].to(sums.device)
-            losses, chosen, rejected = dpo_loss(sums[:half], sums[half:], reference[:, 0], reference[:, 1], self.beta)
-        else:
-            losses, chosen, rejected = orpo_loss(sums[:half], counts[:half], sums[half:], counts[half:], self.beta)
+        reference = inputs["reference_logps"].to(sums.device) if self.method == "dpo" else None
+        losses, chosen, rejected = preference_loss(self.method, sums, counts, reference, self.beta, self.sft_weight)
         self._store("train" if model.training else "eval", chosen, rejected, sums[:half], sums[half:])
         loss = losses.mean()
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -433,7 +453,7 @@ def make_preference_trainer(job: FitJob, built: BuiltModel, callbacks: list[Trai
     trainer = PreferenceTrainer(model=built.model, args=args, data_collator=PairCollator(job.tokenizer.pad_token_id),
                                 train_dataset=job.data.train, eval_dataset=job.data.eval or None,
                                 processing_class=job.tokenizer, callbacks=callbacks, method=config.train.method,
-                                beta=config.prefs.beta)
+                                beta=config.prefs.beta, sft_weight=config.prefs.sft_weight)
     trainer.remove_callback(PrinterCallback)
     return trainer
 

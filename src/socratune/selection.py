@@ -102,7 +102,8 @@ def describe_selection(summary: dict[str, Any]) -> list[str]:
     best, best_step, chosen = summary.get("eval_loss_best"), summary.get("eval_loss_best_step"), selected["eval_loss"]
     if best is not None and chosen is not None and chosen > best * LAST_WORSE_RATIO:
         if summary.get("method") in ("dpo", "orpo"):  # a preference run keeps its last step (docs/selection.md)
-            advice = "a preference run keeps its last step: a larger prefs.beta or fewer epochs drift less"
+            advice = ("a preference run keeps its last step: a larger prefs.beta or prefs.sft_weight, or fewer "
+                      "epochs, drift less")
         elif selected["by"] == "best_style":
             advice = "chosen for its style score"
         else:
