@@ -34,8 +34,10 @@ from socratune.report import (
     PROGRESSION_PNG,
     REPORT_MD,
     bootstrap_ci,
+    compute_statistics,
     paired_comparison,
     rank_biserial,
+    render_report,
 )
 from socratune.scores import SCORE_KEYS as KEYS
 from socratune.style import AXES, load_profile
@@ -76,6 +78,30 @@ def test_wilcoxon_on_known_cases():
 def test_rank_biserial_weighs_differences_by_rank():
     # Ranks of |d|: 1, 2, 3, 4, 5, 6; only the 4 is negative: (17 - 4) / 21; zeros are dropped.
     assert rank_biserial([1, 2, 3, -4, 5, 6, 0]) == pytest.approx(13 / 21)
+
+
+def test_a_model_that_gives_one_reply_to_most_prompts_is_named_in_the_report():
+    generic, prompts = "ふむ、君は何をするのかね？", [f"p{i:02d}" for i in range(20)]
+    scores = {key: 2.0 for key in KEYS}
+
+    def record(model: str, prompt_id: str, reply: str) -> dict:
+        return {"model": model, "prompt_id": prompt_id, "turn": 0, "user": "問い", "reply": reply,
+                "scores": scores, "explanations": []}
+
+    records = [record("base", p, f"答え{i}") for i, p in enumerate(prompts)]
+    records += [record("tuned", p, generic if i < 5 else f"問い{i}") for i, p in enumerate(prompts)]
+    stats = compute_statistics(records, ["base", "tuned"], seed=0, judged=False)
+    assert stats["variety"]["base"] == {"replies": 20, "distinct": 20, "most_common": "答え0", "most_common_count": 1,
+                                        "most_common_share": 0.05}
+    assert stats["variety"]["tuned"]["distinct"] == 16
+    assert stats["variety"]["tuned"]["most_common_share"] == pytest.approx(0.25)
+    data = {"run_dir": "runs/x", "created": "now", "prompts": {"count": 20, "source": "test"}, "turns": 0,
+            "generation": {"max_new_tokens": 16}, "profile": "socrates", "bootstrap": {"resamples": 10},
+            "models": [{"name": "base"}, {"name": "tuned"}], "statistics": stats, "judge": None,
+            "skipped_checkpoints": [], "replies": records}
+    warnings = [line for line in render_report(data).splitlines() if "Warning" in line]
+    assert warnings == [f"- **Warning:** tuned gives the same reply to 5 of 20 prompts (25%): 「{generic}」; its "
+                        "scores may come from one reply the scorer likes, not from answering the prompts."]
 
 
 # --- prompts and the scripted user -------------------------------------------------------------

@@ -492,7 +492,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import check_readable_file
     from .evaluate import evaluate
-    from .report import REPORT_MD
+    from .report import REPORT_MD, repeated_reply_warnings
     from .scores import SCORE_KEYS as KEYS
     from .style import load_profile
 
@@ -523,6 +523,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rho = agreement["spearman"]
         shown = "n/a" if rho is None else f"{rho:.2f}"
         print(f"judge agreement {axis}: Spearman {shown} over {agreement['n']} replies")
+    for warning in repeated_reply_warnings(stats):
+        print(f"warning: {warning}")
     print(f"Report: {result.folder / REPORT_MD}")
     if result.previous:
         print(f"The previous report was kept in {result.previous}")

@@ -26,6 +26,9 @@ MEANS_PNG, PROGRESSION_PNG, DISTRIBUTIONS_PNG, AGREEMENT_PNG = (
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 ALPHA = 0.05  # significance level of "tuned beats base"
+# Share of a model's replies taken by its most common one above which the report warns: a model
+# tuned on a reward may learn one reply the scorer likes and give it to every prompt.
+REPEATED_REPLY_SHARE = 0.1
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -123,6 +126,28 @@ def compare_models(records: list[dict], tuned: str, other: str) -> dict[str, Any
     return comparison
 
 
+def variety(records: list[dict], model: str) -> dict[str, Any]:
+    """How many of ``model``'s replies differ (ignoring surrounding white space), and its most
+    common reply with its count: a high score earned by one reply for every prompt is a reward
+    hacked, not a better model."""
+    from collections import Counter
+
+    counts = Counter(r["reply"].strip() for r in records if r["model"] == model)
+    total = sum(counts.values())
+    top, top_count = counts.most_common(1)[0] if counts else ("", 0)
+    return {"replies": total, "distinct": len(counts), "most_common": top, "most_common_count": top_count,
+            "most_common_share": top_count / total if total else 0.0}
+
+
+def repeated_reply_warnings(stats: dict[str, Any]) -> list[str]:
+    """One line per model whose most common reply exceeds REPEATED_REPLY_SHARE of its replies."""
+    return [f"{name} gives the same reply to {v['most_common_count']} of {v['replies']} prompts "
+            f"({v['most_common_share']:.0%}): 「{_cell(v['most_common'], 60)}」; its scores may come from one reply "
+            "the scorer likes, not from answering the prompts"
+            for name, v in stats.get("variety", {}).items()
+            if v["replies"] >= 10 and v["most_common_share"] > REPEATED_REPLY_SHARE]
+
+
 def compute_statistics(records: list[dict], names: list[str], seed: int, judged: bool) -> dict[str, Any]:
     """Every aggregate number of the report, from the per-reply records of the models ``names``."""
     summary = {m: {k: describe(list(_unit_values(records, m, k, "scores").values()), seed) for k in SCORE_KEYS}
@@ -131,6 +156,7 @@ def compute_statistics(records: list[dict], names: list[str], seed: int, judged:
     by_turn = {m: {k: [_mean([r["scores"][k] for r in records if r["model"] == m and r["turn"] == t])
                        for t in range(turns)] for k in SCORE_KEYS} for m in names}
     stats: dict[str, Any] = {"summary": summary, "by_turn": by_turn,
+                             "variety": {m: variety(records, m) for m in names},
                              "tuned_vs_base": compare_models(records, "tuned", "base")}
     if "supervised" in names:  # a preference-tuned run against the supervised run it continued
         stats["tuned_vs_supervised"] = compare_models(records, "tuned", "supervised")
@@ -300,6 +326,15 @@ def render_report(data: dict[str, Any]) -> str:
     rows = [[labels[n]] + [f"{_num(stats['summary'][n][k]['mean'])} [{_num(stats['summary'][n][k]['ci_low'])}, "
                    f"{_num(stats['summary'][n][k]['ci_high'])}]" for k in SCORE_KEYS] for n in names]
     lines += _table(["model", *SCORE_KEYS], rows)
+    if "variety" in stats:  # reports written before it was added have none
+        lines += ["Distinct replies per model (a model that answers every prompt alike scores as its one "
+                  "reply does):", ""]
+        lines += _table(["model", "replies", "distinct", "most common reply", "given"],
+                        [[labels[n], str(v["replies"]), str(v["distinct"]), _cell(v["most_common"], 60),
+                          f"{v['most_common_count']} ({v['most_common_share']:.0%})"]
+                         for n, v in stats["variety"].items()])
+        warnings = repeated_reply_warnings(stats)
+        lines += [f"- **Warning:** {w}." for w in warnings] + ([""] if warnings else [])
     lines += [f"![means]({MEANS_PNG})", "", f"![checkpoint progression]({PROGRESSION_PNG})", "",
               f"![score distributions]({DISTRIBUTIONS_PNG})", ""]
     if data["turns"]:
