@@ -8,6 +8,7 @@ Run with ``python -m pytest -q tests/test_prefs.py`` (``-m "not slow"`` for the 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -302,10 +303,16 @@ def test_dpo_run_has_metrics_plots_summary_and_a_plain_peft_adapter(dpo_run, def
     from transformers import AutoModelForCausalLM
 
     summary = json.loads((dpo_run / "training_summary.json").read_text(encoding="utf-8"))
-    assert summary["finished"] and summary["method"] == "dpo" and summary["eval_loss_initial"] == pytest.approx(
-        math.log(2), abs=1e-3)  # at step 0 the policy is the reference: every pair's margin is 0
-    header = (dpo_run / "metrics.csv").read_text(encoding="utf-8").splitlines()[0]
-    assert {"reward_margin", "eval_reward_accuracy", "logps_chosen", "eval_logps_rejected"} <= set(header.split(","))
+    assert summary["finished"] and summary["method"] == "dpo"
+    with (dpo_run / "metrics.csv").open(encoding="utf-8") as metrics:
+        rows = list(csv.DictReader(metrics))
+    assert {"reward_margin", "eval_reward_accuracy", "logps_chosen", "eval_logps_rejected"} <= set(rows[0])
+    # at step 0 the policy is the reference: every pair's margin is 0, and the loss is log 2 plus
+    # the chosen replies' NLL (prefs.sft_weight 1)
+    first_eval = next(row for row in rows if row["eval_loss"])
+    assert float(first_eval["eval_reward_margin"]) == 0 and summary["eval_loss_initial"] > math.log(2) + 0.1
+    # the adapters name this run's base from the first save on, not the supervised run's
+    assert "was moved" not in (dpo_run / "train.log").read_text(encoding="utf-8")
     assert (dpo_run / "plots" / "preference.png").stat().st_size > 0
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dpo_run / "base"), dpo_run / "adapter")
     assert model.active_adapter == "default"

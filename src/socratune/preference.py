@@ -429,7 +429,11 @@ def supervised_adapter(config: Config, base: PreTrainedModel, sharded: bool) -> 
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.model.gradient_checkpointing)
-    return PeftModel.from_pretrained(base, str(RunDir(config.prefs.from_run).adapter_dir), is_trainable=True)
+    model = PeftModel.from_pretrained(base, str(RunDir(config.prefs.from_run).adapter_dir), is_trainable=True)
+    # PEFT copies the supervised adapter's record of its base (the supervised run's own tiny base);
+    # the adapters this run saves name the base it really trained on, as a supervised run's do.
+    model.peft_config[model.active_adapter].base_model_name_or_path = base.name_or_path
+    return model
 
 
 def make_preference_trainer(job: FitJob, built: BuiltModel, callbacks: list[TrainerCallback]) -> PreferenceTrainer:
