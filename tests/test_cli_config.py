@@ -53,6 +53,7 @@ def test_bad_set_is_refused_with_exit_2_naming_the_key(assignment, expected, cap
     assert err.startswith("error: ") and "Traceback" not in err
     for fragment in expected:
         assert fragment in err
+    assert "''" not in err  # a key is quoted once
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 

@@ -290,7 +290,7 @@ def _explain(exc: ValidationError, source: str, assigned: dict[str, str] | None 
             lines.append(f"{origin}: unknown key {quote_capped(key)}; allowed: {', '.join(allowed)}")
         else:
             allowed = None  # pydantic's message already lists the allowed literals
-            lines.append(f"{origin}: '{quote_capped(key)}': {err['msg']} (got {quote_capped(err.get('input'))})")
+            lines.append(f"{origin}: {quote_capped(key)}: {err['msg']} (got {quote_capped(err.get('input'))})")
         first_key = first_key or key
         first_allowed = first_allowed or allowed
     return ConfigError("\n".join(lines), key=first_key, allowed=first_allowed)
