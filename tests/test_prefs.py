@@ -96,6 +96,32 @@ def test_ranking_follows_the_weights_and_drops_close_pairs():
     assert rank_score({"tone": None, "approach": 1.0}, even) is None  # a judge that gave no tone score
 
 
+def test_weights_flag_reads_axis_weights_and_names_what_is_wrong():
+    from socratune.prefs import parse_weights
+
+    assert parse_weights("approach=0.6, logic=0.2,tone=0.1,format=0.1") == {
+        "approach": 0.6, "logic": 0.2, "tone": 0.1, "format": 0.1}
+    assert parse_weights("approach=1") == {"approach": 1.0}  # axes left out weigh 0
+    for text, named in [("empathy=1", "'empathy=1'"), ("approach", "'approach'"), ("tone=much", "'much'"),
+                        ("tone=-1", "'-1'"), ("tone=nan", "'nan'"), ("tone=inf", "'inf'"), ("tone=0", "positive")]:
+        with pytest.raises(ConfigError, match="--weights") as refused:
+            parse_weights(text)
+        assert named in str(refused.value)
+
+
+def test_bad_weights_are_refused_before_any_reply_is_sampled(tmp_path, capsys):
+    from socratune.config import dump_yaml, load_config
+
+    run = tmp_path / "run"  # a finished run as prefs reads it: its config and a final adapter
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(load_config()), encoding="utf-8")
+    (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    output = tmp_path / "pairs.jsonl"
+    assert main(["prefs", str(run), "--output", str(output), "--weights", "approach=0.6,empathy=0.4"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights 'empathy=0.4'" in err and "Traceback" not in err and not output.exists()
+
+
 # --- the losses against hand computations ------------------------------------------------------------
 
 

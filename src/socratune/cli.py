@@ -127,7 +127,7 @@ def cmd_prefs(args: argparse.Namespace) -> int:
     from .errors import DataError
     from .generate import GenParams, read_prompts
     from .modeling import load_for_inference
-    from .prefs import finished_run_config, make_pairs, ranking_weights, training_prompts
+    from .prefs import finished_run_config, make_pairs, parse_weights, ranking_weights, training_prompts
     from .rundir import write_text_atomic
     from .style import StyleScorer, load_profile
 
@@ -138,6 +138,7 @@ def cmd_prefs(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples must be from 2 (a pair needs two replies) to {MAX_PREF_SAMPLES}, not {samples}",
                           key="--samples")
     _check_prefs_flags(args)
+    chosen_weights = parse_weights(args.weights) if args.weights is not None else prefs.weights
     if bool(args.judge) != bool(args.judge_model):
         raise ConfigError("--judge URL and --judge-model NAME go together")
     output = Path(args.output)
@@ -149,7 +150,7 @@ def cmd_prefs(args: argparse.Namespace) -> int:
     if args.limit is not None:
         prompts = prompts[: args.limit]
     profile = load_profile(args.profile or recorded.style.profile)
-    weights = ranking_weights(prefs.weights, profile)
+    weights = ranking_weights(chosen_weights, profile)
     params = GenParams(max_new_tokens=args.max_new_tokens or prefs.max_new_tokens,
                        temperature=args.temperature if args.temperature is not None else prefs.temperature,
                        top_p=args.top_p if args.top_p is not None else prefs.top_p)
@@ -653,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="default prefs.max_new_tokens")
     p.add_argument("--min-margin", type=float,
                    help="drop pairs ranked closer than this (0-4; default prefs.min_margin)")
+    p.add_argument("--weights", metavar="AXIS=W,...",
+                   help="ranking weight per style axis, e.g. approach=0.6,logic=0.2,tone=0.1,format=0.1 "
+                        "(default: the run's prefs.weights, else the profile's overall weights)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     p.add_argument("--profile", help="style profile (default: the run's style.profile)")

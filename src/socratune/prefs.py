@@ -32,7 +32,7 @@ from typing import Any
 
 from .config import Config
 from .data import ROLE_ALIASES, jsonl_lines, refuse_bad_lines
-from .errors import DataError, RunDirError
+from .errors import ConfigError, DataError, RunDirError, quote_capped
 from .generate import _messages_problem
 from .rundir import write_json_atomic
 
@@ -143,6 +143,28 @@ def apply_pairs_split(split: dict[str, Any], pairs: list[Pair]) -> tuple[list[Pa
 
 
 # --- making pairs ---------------------------------------------------------------------------------
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``--weights approach=0.6,logic=0.2`` as a weight per axis (ConfigError naming the part
+    that is wrong); axes left out weigh 0, as in ``prefs.weights``."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        axis, sep, value = (piece.strip() for piece in part.partition("="))
+        if not sep or axis not in AXES:
+            raise ConfigError(f"--weights {quote_capped(part.strip())}: expected AXIS=NUMBER with AXIS one of "
+                              f"{', '.join(AXES)} (e.g. --weights approach=0.6,logic=0.2,tone=0.1,format=0.1)",
+                              key="--weights")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not 0 <= weight < float("inf"):
+            raise ConfigError(f"--weights {axis}: {quote_capped(value)} is not a non-negative number", key="--weights")
+        weights[axis] = weight
+    if not any(weights.values()):
+        raise ConfigError("--weights: at least one axis needs a positive weight", key="--weights")
+    return weights
 
 
 def ranking_weights(weights: dict[str, float] | None, profile: Any) -> dict[str, float]:
