@@ -60,12 +60,7 @@ def _data_inputs(folder: Path) -> dict[str, str]:
         "one shared question": _write(folder, "shared.json", json.dumps(
             [dialogue("勇気とは？", f"答え{i}は何でしょう？") for i in range(6)], ensure_ascii=False)),
     }
-    (folder / "a-directory").mkdir()
-    os.mkfifo(folder / "fifo.json")
-    inputs["fifo"] = "fifo.json"
-    (folder / "loop.json").symlink_to("loop.json")
-    inputs["symlink loop"] = "loop.json"
-    return inputs
+    return inputs | _not_regular_files(folder, "a-directory", ".json")
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -310,12 +305,7 @@ def _judged_inputs(folder: Path) -> dict[str, str]:
         "one dialogue": _write(folder, "onedialogue.jsonl", "".join(
             json.dumps({"id": f"same#{i}", "text": "何ですか？", "judge": {"tone": i % 5}}) + "\n" for i in range(25))),
     }
-    (folder / "a-directory").mkdir()
-    os.mkfifo(folder / "fifo.jsonl")
-    inputs["fifo"] = "fifo.jsonl"
-    (folder / "loop.jsonl").symlink_to("loop.jsonl")
-    inputs["symlink loop"] = "loop.jsonl"
-    return inputs
+    return inputs | _not_regular_files(folder, "a-directory", ".jsonl")
 
 
 def _shipped_profile_with(old: str, new: str) -> str:
@@ -325,6 +315,15 @@ def _shipped_profile_with(old: str, new: str) -> str:
     text = (resources.files("socratune") / "profiles" / "socrates.yaml").read_text(encoding="utf-8")
     assert old in text
     return text.replace(old, new, 1)
+
+
+def _not_regular_files(folder: Path, directory: str, suffix: str, label: str = "") -> dict[str, str]:
+    """Make a directory named ``directory`` (its case is listed by the caller), a FIFO and a
+    symlink loop in ``folder``; return the last two as cases, their keys prefixed by ``label``."""
+    (folder / directory).mkdir()
+    os.mkfifo(folder / f"fifo{suffix}")
+    (folder / f"loop{suffix}").symlink_to(f"loop{suffix}")
+    return {f"{label}fifo": f"fifo{suffix}", f"{label}symlink loop": f"loop{suffix}"}
 
 
 def _profile_inputs(folder: Path) -> dict[str, str]:
@@ -349,12 +348,7 @@ def _profile_inputs(folder: Path) -> dict[str, str]:
         "profile unknown feature of thousands of characters": _write(
             folder, "hugefeature.yaml", _shipped_profile_with("asks: 0.3", "k" * 50_000 + ": 0.3")),
     }
-    (folder / "profile-dir.yaml").mkdir()
-    os.mkfifo(folder / "fifo.yaml")
-    inputs["profile FIFO"] = "fifo.yaml"
-    (folder / "loop.yaml").symlink_to("loop.yaml")
-    inputs["profile symlink loop"] = "loop.yaml"
-    return inputs
+    return inputs | _not_regular_files(folder, "profile-dir.yaml", ".yaml", label="profile ")
 
 
 def _bundled_synth_profile() -> str:

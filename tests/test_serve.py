@@ -357,9 +357,14 @@ def test_waiting_requests_are_bounded_429_then_503(loaded):
             _stop(server)
 
 
+def _openai_client(openai: Any, server: Any, key: str = "unused") -> Any:
+    """The official client on the test server: no retries, so a failure shows at once."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
 def test_official_openai_client_plain_and_streaming(server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = _openai_client(openai, server)
     model = server.engine.model_id
     assert [m.id for m in client.models.list()] == [model]
     expected = ask(server, user(QUESTION))["choices"][0]["message"]["content"]
@@ -747,7 +752,7 @@ def test_api_key_is_checked_as_a_bearer_token(loaded):
 
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret-key", max_retries=0, timeout=60)
+        client = _openai_client(openai, server, key="s3cret-key")
         assert client.chat.completions.create(model="keyed", messages=user(QUESTION)).usage.completion_tokens > 0
     finally:
         _stop(server)
@@ -755,7 +760,7 @@ def test_api_key_is_checked_as_a_bearer_token(loaded):
 
 def test_stop_strings_cut_plain_and_streamed_replies(server):
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = _openai_client(openai, server)
     model = server.engine.model_id
     full = ask(server, user(QUESTION))["choices"][0]["message"]["content"]
     assert len(full) > 12

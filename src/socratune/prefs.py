@@ -35,9 +35,9 @@ from .data import ROLE_ALIASES, jsonl_lines, refuse_bad_lines
 from .errors import ConfigError, DataError, RunDirError, quote_capped
 from .generate import _messages_problem
 from .rundir import write_json_atomic
+from .scores import AXES
 
 logger = logging.getLogger("socratune")
-AXES = ("tone", "approach", "format", "logic")
 PAIRS_SPLIT = "pairs_split.json"
 
 

@@ -12,6 +12,7 @@ A record is ``{"model", "prompt_id", "turn", "user", "reply", "scores": {key: 0-
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,6 @@ def variety(records: list[dict], model: str) -> dict[str, Any]:
     """How many of ``model``'s replies differ (ignoring surrounding white space), and its most
     common reply with its count: a high score earned by one reply for every prompt is a reward
     hacked, not a better model."""
-    from collections import Counter
-
     counts = Counter(r["reply"].strip() for r in records if r["model"] == model)
     total = sum(counts.values())
     top, top_count = counts.most_common(1)[0] if counts else ("", 0)
