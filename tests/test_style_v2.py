@@ -96,6 +96,33 @@ def test_lecturing_without_a_question_gets_low_approach(scorer):
     assert "lecturing marker べきだ" in s.explanations
 
 
+@pytest.mark.parametrize("request_sentence", ["では、その理由を具体的に説明してくれ。", "では最後に聞かせてほしい。",
+                                              "自分の経験から考えてみてほしい。", "例を挙げて説明してください。"])
+def test_a_request_to_tell_or_think_invites_and_is_not_an_order(scorer, request_sentence):
+    # Gemma-2-jpn and the real Socrates ask this way; the judge rated such a reply approach 3,
+    # while reading 〜てくれ as an order had given it 0.
+    framing = "なるほど、幸福とは欲しい物が手に入ることだと君は言うのだね。"
+    s = scorer.score(framing + request_sentence, PROMPT)
+    assert "sentence 2 asks the user to tell or think (a request, not an order)" in s.explanations
+    assert "invites the user to think along" in s.explanations
+    assert not any(e.startswith("lecturing marker") for e in s.explanations)
+    assert s.features["approach"]["invitation"] == 1.0 and s.features["approach"]["lecturing"] == 0.0
+    # An order with no verb of telling or thinking before it is still an order.
+    order = scorer.score(framing + "だから自分を大切にしてくれ。", PROMPT)
+    assert not any("asks the user to tell" in e for e in order.explanations)
+    assert "lecturing marker 〜てくれ/〜てみろ" in order.explanations
+    assert order.approach < s.approach
+
+
+def test_a_profile_without_requests_reads_none(scorer):
+    from socratune.style import StyleScorer
+    data = scorer.profile.model_dump(exclude_none=True)
+    del data["approach"]["requests"]
+    plain = StyleScorer(type(scorer.profile).model_validate(data))
+    s = plain.score("なるほど。では、その理由を具体的に説明してくれ。", PROMPT)
+    assert not any("asks the user to tell" in e for e in s.explanations)
+    assert "lecturing marker 〜てくれ/〜てみろ" in s.explanations
+
 @pytest.mark.parametrize(("text", "evidence"), [
     (SOCRATIC + " What do you think?", "not Japanese: 'What'"),
     ("<b>" + SOCRATIC + "</b>", "markup '<b>'"),

@@ -134,9 +134,18 @@ class ToneRules(_Strict):
     address: list[Marker]
 
 
+class Requests(_Strict):
+    """A request that the user tell or think (説明してくれ, 考えてみてほしい): it invites, it does
+    not lecture. Left out of a profile, no sentence is read as such a request."""
+
+    endings: list[Marker] = Field(default_factory=list)
+    verbs: list[str] = Field(default_factory=list, description="dictionary forms of telling and thinking verbs")
+
+
 class ApproachRules(_Strict):
     question_marks: str
     question_endings: list[Marker]
+    requests: Requests = Field(default_factory=Requests)
     invitations: list[Marker]
     lecturing: list[Marker]
     answer_giving: list[Marker]

@@ -120,6 +120,7 @@ def _tokenizer() -> Any:
     return tokenizer
 
 
+_REQUEST_REACH = 4  # morphemes before a request searched for its verb: 考え|て|み|て + ほしい
 _CHUNK = 2000  # characters per Sudachi call: its input limit is in bytes, replies are short
 _SKIP = ("補助記号", "空白")  # punctuation and blanks
 _PERIOD = ("補助記号", "句点")  # 。？！
@@ -301,6 +302,8 @@ class StyleScorer:
         self._endings, self._polite = _compile(p.tone.endings), _compile(p.tone.polite)
         self._address, self._questions = _compile(p.tone.address), _compile(p.approach.question_endings)
         self._invites, self._lecturing = _compile(p.approach.invitations), _compile(p.approach.lecturing)
+        self._requests = _compile(p.approach.requests.endings)
+        self._request_verbs = frozenset(p.approach.requests.verbs)
         self._answers, self._suggestions = _compile(p.approach.answer_giving), _compile(p.approach.suggestions)
         # "(?!)" never matches: a profile may list no special tokens.
         self._special = re.compile("|".join(f"(?:{s})" for s in p.format.special_tokens or ["(?!)"]))
@@ -461,17 +464,28 @@ class StyleScorer:
                 for s, hints in zip(sentences, suggested)]
         return asks, suggested
 
+    def _requests_telling(self, morphs: list[_Morph]) -> bool:
+        """Whether the words hold a request that the user tell or think (説明してくれ): a request
+        ending with a verb of telling or thinking at most _REQUEST_REACH morphemes before it
+        (考え|て|み|て|ほしい, 聞か|せ|て|ほしい, 説明|し|て|くれ)."""
+        return any(_match_at(morphs, i, specs)
+                   and any(m.form in self._request_verbs for m in morphs[max(0, i - _REQUEST_REACH):i])
+                   for _, _, specs in self._requests for i, m in enumerate(morphs) if m.form == "て")
+
     def _approach(self, sentences: list[_Sentence], asks: list[bool], suggested: list[list[_Rule]],
                   notes: list[str]) -> dict[str, float]:
         rules = self.profile.approach
-        statements = [s for s, a in zip(sentences, asks) if not a]
+        requests = [self._requests_telling(_own(s.morphs)) for s in sentences]
+        statements = [s for s, a, r in zip(sentences, asks, requests) if not (a or r)]
         notes.append(f"{sum(asks)} of {len(sentences)} sentences ask a question")
         # A question about something (幸福とは何かね) moves thinking more than a bare request
         # for an opinion (どう思いますか).
         substance = any(self._content([s]) for s, a in zip(sentences, asks) if a)
         if any(asks) and not substance:
             notes.append("the questions name no content word (a bare request for an opinion)")
-        invites = any(_found(self._invites, s.morphs) for s in sentences)
+        notes.extend(f"sentence {n} asks the user to tell or think (a request, not an order)"
+                     for n, r in enumerate(requests, 1) if r)
+        invites = any(requests) or any(_found(self._invites, s.morphs) for s in sentences)
         if invites:
             notes.append("invites the user to think along")
         marked = {}
