@@ -89,6 +89,14 @@ def test_polite_speech_is_tone_one_at_most_and_named_per_sentence(scorer):
     assert "polite speech です in sentence 2" in s.explanations
 
 
+def test_a_plain_imperative_is_plain_speech_and_a_polite_one_is_not(scorer):
+    plain = scorer.score("なるほどね。では、その理由を具体的に説明してくれ。", PROMPT)
+    polite = scorer.score("なるほどね。では、その理由を具体的に説明してください。", PROMPT)
+    assert "sentence 2 ends in plain form (tone credit 0.55)" in plain.explanations
+    assert "polite speech ください in sentence 2" in polite.explanations
+    assert plain.tone > polite.tone
+
+
 def test_lecturing_without_a_question_gets_low_approach(scorer):
     s = scorer.score("幸福とは心の平静である。人は欲望を抑えるべきだ。まず自分を知る必要がある。", PROMPT)
     assert s.approach <= 1.0

@@ -430,7 +430,7 @@ class StyleScorer:
             ending, last = _best_ending(self._endings, s.morphs), s.morphs[-1]
             if ending:
                 credit, what = ending[1], f"ends with {ending[0]}"
-            elif last.pos[0] in ("動詞", "形容詞", "助動詞") and last.pos[5].startswith("終止形"):
+            elif last.pos[0] in ("動詞", "形容詞", "助動詞") and last.pos[5].startswith(("終止形", "命令形")):
                 credit, what = rules.plain_ending_weight, "ends in plain form"
             else:
                 credit, what = rules.other_ending_weight, "has no in-character ending"
