@@ -470,7 +470,7 @@ class StyleScorer:
         (考え|て|み|て|ほしい, 聞か|せ|て|ほしい, 説明|し|て|くれ)."""
         return any(_match_at(morphs, i, specs)
                    and any(m.form in self._request_verbs for m in morphs[max(0, i - _REQUEST_REACH):i])
-                   for _, _, specs in self._requests for i, m in enumerate(morphs) if m.form == "て")
+                   for _, _, specs in self._requests for i in range(len(morphs)))
 
     def _approach(self, sentences: list[_Sentence], asks: list[bool], suggested: list[list[_Rule]],
                   notes: list[str]) -> dict[str, float]:
