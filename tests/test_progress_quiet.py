@@ -19,7 +19,7 @@ from socratune.progress import (
     format_duration,
     progress_line,
 )
-from socratune.quiet import HARMLESS_WARNINGS, silence_harmless_messages
+from socratune.quiet import HARMLESS_LOG_LINES, HARMLESS_WARNINGS, silence_harmless_messages
 
 
 def test_durations_and_the_estimate():
@@ -91,6 +91,26 @@ def test_only_the_known_harmless_warnings_are_silenced():
         warnings.warn("`something_else` is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+
+
+def test_known_harmless_log_lines_are_dropped_by_what_they_say(caplog):
+    """The `kernels` offline notice goes; any other line of the same logger still shows."""
+    silence_harmless_messages()
+    silence_harmless_messages()  # idempotent: one filter, not two
+    for name, _ in HARMLESS_LOG_LINES:
+        assert len(logging.getLogger(name).filters) == 1
+    kernels_log = logging.getLogger("kernels._internals.hf_hub")
+    kernels_log.warning("Skipping publisher trust check for '%s' because Hugging Face Hub is in offline mode.",
+                        "kernels-community/quantization-bitsandbytes")
+    kernels_log.warning("Kernel repository 'x/y' could not verify publisher trust status.")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Kernel repository 'x/y' could not verify publisher trust status."]
+
+
+def test_the_silenced_logger_is_the_one_kernels_logs_to():
+    """An upstream rename of the module would let the line through again: catch it here."""
+    hf_hub = pytest.importorskip("kernels._internals.hf_hub")
+    assert hf_hub.logger.name in {name for name, _ in HARMLESS_LOG_LINES}
 
 
 @pytest.mark.slow
