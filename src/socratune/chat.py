@@ -34,8 +34,9 @@ from typing import Any, TextIO
 
 from .data import BOT
 from .errors import DataError, SocratuneError
-from .generate import GenParams, delta_streamer, prompt_texts
+from .generate import GenParams, delta_streamer, prompt_texts, whole_character_kwargs
 from .rundir import write_text_atomic
+from .whole_chars import REPLACEMENT, drop_partial_character
 
 HELP = "commands: /reset  /system TEXT  /save FILE  /quit"
 USER_PROMPT = "you> "
@@ -65,9 +66,6 @@ class Reply:
 
 class BrokenTextError(DataError):
     """The conversation holds U+FFFD, so saving it as training data needs the user's say-so."""
-
-
-REPLACEMENT = "\ufffd"
 
 
 class ChatSession:
@@ -140,11 +138,11 @@ class ChatSession:
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), cache=cache,
                 streamer=delta_streamer(self.tokenizer, on_text), pad_token_id=self.tokenizer.pad_token_id,
-                **self.params.generate_kwargs(),
+                **self.params.generate_kwargs(), **whole_character_kwargs(self.tokenizer),
             )
         seconds = time.perf_counter() - started
         new_tokens = output[0, len(ids) :]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        text = drop_partial_character(self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
         self._cache, self._cache_ids = cache, output[0, : cache.get_seq_length()].tolist()
         self.history = [*self.history[2 * prompt.dropped_exchanges :], {"role": "user", "content": prompt.user_text},
                         {"role": BOT, "content": text}]

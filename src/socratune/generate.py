@@ -26,6 +26,7 @@ from typing import Any
 from .data import BOT, ROLE_ALIASES, jsonl_lines, read_text_file, refuse_bad_lines
 from .errors import DataError
 from .template import chat_messages, render, supports_system_role
+from .whole_chars import drop_partial_character, whole_character_processor
 
 log = logging.getLogger("socratune.generate")
 
@@ -49,6 +50,15 @@ class GenParams:
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def whole_character_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """``generate`` arguments that keep every reply in whole characters (``whole_chars``), for
+    one call: the processor tracks that call's rows."""
+    from transformers import LogitsProcessorList
+
+    processor = whole_character_processor(tokenizer)
+    return {"logits_processor": LogitsProcessorList([processor])} if processor is not None else {}
 
 
 def prompt_texts(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -88,11 +98,11 @@ def generate_replies(
             batch = tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True,
                               return_tensors="pt").to(model.device)
             with torch.no_grad():
-                output = model.generate(**batch, **params.generate_kwargs(), pad_token_id=tokenizer.pad_token_id,
-                                        synced_gpus=synced)
+                output = model.generate(**batch, **params.generate_kwargs(), **whole_character_kwargs(tokenizer),
+                                        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                replies[i] = text.strip()
+                replies[i] = drop_partial_character(text.strip())
             if on_batch:
                 on_batch(start + len(rows), len(order))
     finally:
@@ -109,9 +119,9 @@ def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None
     a Japanese reply in kana would arrive in one piece at the end. Here the whole reply is decoded
     each step (cheap at reply lengths) and what is new is emitted, except a trailing half of a
     multi-byte character (byte-level BPE spells one character over several tokens; the half
-    decodes to U+FFFD until the rest arrives) and trailing whitespace, so the pieces add up to
-    exactly the stripped reply that ``generate_replies`` returns. ``lock`` guards the tokenizer
-    where other threads use it too (the server).
+    decodes to U+FFFD until the rest arrives, and is dropped if the reply ends there) and trailing
+    whitespace, so the pieces add up to exactly the reply that ``generate_replies`` returns.
+    ``lock`` guards the tokenizer where other threads use it too (the server).
 
     ``stop``: strings that end the reply (OpenAI's ``stop``). The reply is cut before the first
     one, ``stopped`` turns true, and the streamer's ``criteria`` (pass it to ``generate`` as
@@ -151,7 +161,7 @@ def delta_streamer(tokenizer: Any, emit: Callable[[str], None], lock: Any = None
             if not self.stopped:
                 text = self._text()
                 if not self._cut_at_stop(text):
-                    self._flush(text.rstrip())
+                    self._flush(drop_partial_character(text))
 
         def _cut_at_stop(self, text: str) -> bool:
             found = [i for i in (text.find(s) for s in stop) if i >= 0]

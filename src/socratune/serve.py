@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .generate import MIN_DIVISOR, GenParams, delta_streamer, prompt_texts
+from .generate import MIN_DIVISOR, GenParams, delta_streamer, prompt_texts, whole_character_kwargs
 
 log = logging.getLogger("socratune.serve")
 
@@ -343,7 +343,8 @@ class Engine:
         with torch.no_grad():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                **completion.params.generate_kwargs(), pad_token_id=self.tokenizer.pad_token_id,
+                **completion.params.generate_kwargs(), **whole_character_kwargs(self.tokenizer),
+                pad_token_id=self.tokenizer.pad_token_id,
                 max_time=self.limits.max_generation_s, streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([streamer.criteria]),
             )
