@@ -70,7 +70,7 @@ def test_the_mask_lets_only_a_continuation_follow_half_a_character(tiny_tokenize
     assert torch.isfinite(masked[1, [question, eos]]).all()  # the other row is between characters
 
 
-def test_tokens_of_whole_strings_need_no_guard(tiny_tokenizer):
+def test_tokens_of_whole_strings_need_no_guard():
     class WordTokenizer:  # a vocabulary without a byte-level or byte-fallback decoder
         backend_tokenizer = None
 
@@ -133,3 +133,23 @@ def test_a_streamed_reply_cut_inside_a_character_shows_no_half_of_it():
         reply = generate_replies(model, tokenizer, [conversation], params)[0]
         assert "".join(pieces) == reply and REPLACEMENT not in reply, (max_new_tokens, raw)
     assert cut_inside  # some lengths did end inside a character
+
+
+def test_a_byte_fallback_vocabulary_is_spelt_too():
+    """Gemma's and Llama 2's kind: whole pieces with ▁ for a space, and <0xHH> tokens for bytes
+    outside the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    for piece in ("▁", "君", "は", "か", "ね", "？", "▁君"):
+        vocab[piece] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, [("▁", "君")], byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    text = " 君は幸せかね？"  # 幸 and せ are not in the vocabulary: three byte tokens each
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    spelled = token_bytes(tokenizer)
+    assert b"".join(spelled[i] for i in ids) == text.encode() and len(ids) == 11
+    assert spelled[tokenizer.eos_token_id] is None and whole_character_processor(tokenizer) is not None
