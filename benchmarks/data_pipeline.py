@@ -8,7 +8,7 @@ Run from the repository root::
 Data: ``../shared/data/socratic_dialogues_ja.json`` (2,662 dialogues) when present, else the
 bundled sample; the JSON says which. The 4x and 16x sets repeat the dialogues with a copy number
 added to every message, so no text repeats (the tokenizer caches words it has seen: plain copies
-would flatter the larger sizes). Timed is ``socratune.examples.prepare_examples`` with the built-in
+would flatter the larger sizes). Timed is ``socratune.training.examples.prepare_examples`` with the built-in
 tiny tokenizer, which is what ``socratune train`` runs before anything else; the tokenizer is
 built beforehand (its build time is reported apart). Every timing runs in a fresh process with
 a fresh tokenizer, as a user's ``socratune train`` does: timing the same data twice in one
@@ -63,9 +63,9 @@ def scaled_copy(records: list[dict], scale: int, directory: Path) -> Path:
 
 def prepare_seconds(path: Path) -> dict:
     """One timing, in this (fresh) process: build the tiny tokenizer, then prepare the data."""
-    from socratune.config import load_config
-    from socratune.examples import prepare_examples
-    from socratune.tiny import build_tokenizer, bundled_texts
+    from socratune.core.config import load_config
+    from socratune.model.tiny import build_tokenizer, bundled_texts
+    from socratune.training.examples import prepare_examples
 
     started = time.perf_counter()
     tokenizer = build_tokenizer(bundled_texts())
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(prepare_seconds(args.worker)))
         return 0
 
-    from socratune.examples import bundled_data_path
+    from socratune.training.examples import bundled_data_path
 
     data, note = ((SHARED_DATA, "shared real data") if SHARED_DATA.exists()
                   else (bundled_data_path(), "bundled sample (real data not present)"))

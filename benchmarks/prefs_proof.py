@@ -41,15 +41,15 @@ def supervised_eval_loss(sft_run: Path, adapter_dir: Path) -> float:
     import torch
     from peft import PeftModel
 
-    from socratune.examples import prepare_examples
-    from socratune.modeling import load_for_inference
-    from socratune.rundir import RunDir
-    from socratune.split import apply_split, load_split
-    from socratune.template import PaddingCollator
+    from socratune.core.rundir import RunDir
+    from socratune.data.split import apply_split, load_split
+    from socratune.data.template import PaddingCollator
+    from socratune.model.modeling import load_for_inference
+    from socratune.training.examples import prepare_examples
 
     base, tokenizer = load_for_inference(sft_run, base_only=True)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    from socratune.modeling import resolve_run_model
+    from socratune.model.modeling import resolve_run_model
 
     config = resolve_run_model(sft_run).config
     report, examples = prepare_examples(config, tokenizer)

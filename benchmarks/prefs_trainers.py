@@ -26,10 +26,10 @@ def _setup(sft_run: str, pairs_path: str):
     import torch
     from peft import PeftModel
 
-    from socratune.examples import load_tokenizer_for
-    from socratune.modeling import detect_hardware, load_base, resolve_run_model
-    from socratune.preference import encode_pairs
-    from socratune.prefs import read_pairs
+    from socratune.model.modeling import detect_hardware, load_base, resolve_run_model
+    from socratune.training.examples import load_tokenizer_for
+    from socratune.training.preference import encode_pairs
+    from socratune.training.prefs import read_pairs
 
     resolved = resolve_run_model(sft_run)
     tokenizer = load_tokenizer_for(resolved.config)
@@ -47,7 +47,7 @@ def _judge(model, features, reference, pad) -> dict:
     """DPO loss and reward accuracy of ``model`` on every pair against the stored reference."""
     import math
 
-    from socratune.preference import reference_logps
+    from socratune.training.preference import reference_logps
 
     policy = reference_logps(model, features, pad, 16)
     losses, correct = [], 0
@@ -63,7 +63,7 @@ def _judge(model, features, reference, pad) -> dict:
 def run_own(sft_run: str, pairs_path: str, steps: int) -> dict:
     from transformers import TrainingArguments
 
-    from socratune.preference import PairCollator, PreferenceTrainer, reference_logps
+    from socratune.training.preference import PairCollator, PreferenceTrainer, reference_logps
 
     _resolved, tokenizer, _pairs, features, model = _setup(sft_run, pairs_path)
     started = time.perf_counter()
@@ -93,7 +93,7 @@ def run_trl(sft_run: str, pairs_path: str, steps: int) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from socratune.preference import reference_logps
+    from socratune.training.preference import reference_logps
 
     resolved, tokenizer, pairs, features, model = _setup(sft_run, pairs_path)
     reference = reference_logps(model, features, tokenizer.pad_token_id, 16)  # for judging only, not used in training

@@ -30,8 +30,8 @@ TARGET_SHARE = 0.10
 
 
 def measure(train_args: list[str]) -> dict:
-    from socratune.plots import read_metrics
-    from socratune.rundir import METRICS
+    from socratune.core.rundir import METRICS
+    from socratune.training.plots import read_metrics
 
     with tempfile.TemporaryDirectory() as directory:
         run = Path(directory) / "run"

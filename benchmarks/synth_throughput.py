@@ -50,8 +50,8 @@ def start_server(run: Path, max_new_tokens: int) -> tuple[subprocess.Popen, str]
 
 
 def measure(url: str, model: str, concurrency: int, dialogues: int, turns: int) -> dict:
-    from socratune.client import ChatClient
     from socratune.synth import SynthRequest, synth
+    from socratune.synth.client import ChatClient
 
     client = ChatClient(url, model, key_variables=(), timeout=300, max_retries=10, concurrency=concurrency)
     with tempfile.TemporaryDirectory() as directory:

@@ -19,7 +19,7 @@ same held-apart dialogues). What differs is how each tool forms and computes bat
   batch, gradient checkpointing on, bf16 autocast) given the same tokenized dialogues and labels.
   A name ``trl@key=value+key=value`` sets ``SFTConfig`` fields (``trl@bf16=false``: no bf16
   autocast, which a CPU without bf16 instructions emulates slowly).
-* ``socratune``: the preset's defaults through ``socratune.hf_trainer.build_trainer``. A name
+* ``socratune``: the preset's defaults through ``socratune.training.hf_trainer.build_trainer``. A name
   ``socratune@key=value+key=value`` applies config overrides (to compare choices).
 
 Model: ``tiny`` by default; ``--model gemma2-2b-random`` builds a model of gemma-2-2b's exact shape
@@ -81,13 +81,13 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 6
 def data_path() -> tuple[Path, str]:
     if SHARED_DATA.exists():
         return SHARED_DATA, "shared real data (../shared/data/socratic_dialogues_ja.json)"
-    from socratune.examples import bundled_data_path
+    from socratune.training.examples import bundled_data_path
 
     return bundled_data_path(), "bundled sample (real data not present)"
 
 
 def socratune_config(spec: dict, overrides: dict[str, str]):
-    from socratune.config import load_config
+    from socratune.core.config import load_config
 
     base = {"model.name_or_path": spec["model"], "train.epochs": 1, "train.eval_steps": 10**9,
             "train.save_steps": 10**9, "train.logging_steps": 10**9}
@@ -96,9 +96,9 @@ def socratune_config(spec: dict, overrides: dict[str, str]):
 
 def prepare(spec: dict, config):
     """Tokenizer, train examples (exactly ``samples``, cycling if the data is small) and eval examples."""
-    from socratune.data import load_dialogues
-    from socratune.examples import load_tokenizer_for
-    from socratune.template import encode_dialogues
+    from socratune.data.dialogues import load_dialogues
+    from socratune.data.template import encode_dialogues
+    from socratune.training.examples import load_tokenizer_for
 
     tokenizer = load_tokenizer_for(config)
     path = Path(spec["data"])
@@ -120,8 +120,8 @@ def random_gemma2(directory: Path, data: Path, layers: int) -> Path:
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from socratune.data import load_dialogues
-    from socratune.tiny import END_OF_TURN, build_tokenizer
+    from socratune.data.dialogues import load_dialogues
+    from socratune.model.tiny import END_OF_TURN, build_tokenizer
 
     if (directory / "config.json").exists():
         return directory
@@ -150,13 +150,13 @@ def parameter_count(source: str) -> int:
 
 
 def model_source(name: str) -> str:
-    from socratune.modeling import resolve_model_source
+    from socratune.model.modeling import resolve_model_source
 
     return resolve_model_source(name, Path(tempfile.gettempdir()) / "socratune-bench-tiny")
 
 
 def base_model(config, hardware, attn_implementation):
-    from socratune.modeling import load_base
+    from socratune.model.modeling import load_base
 
     source = model_source(config.model.name_or_path)
     return load_base(source, hardware=hardware, dtype=config.model.dtype, load_in_4bit=config.quant.load_in_4bit,
@@ -165,7 +165,7 @@ def base_model(config, hardware, attn_implementation):
 
 
 def lora(model, config, gradient_checkpointing: bool):
-    from socratune.modeling import add_lora
+    from socratune.model.modeling import add_lora
 
     c = config.lora
     return add_lora(model, r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=c.target_modules, bias=c.bias,
@@ -185,9 +185,9 @@ def common_arguments(config, hardware, output_dir: str) -> dict:
 def build_reference(config, hardware, tokenizer, train, output_dir):
     from transformers import Trainer, TrainingArguments
 
-    from socratune.config import load_config
-    from socratune.hf_trainer import as_features
-    from socratune.template import PaddingCollator
+    from socratune.core.config import load_config
+    from socratune.data.template import PaddingCollator
+    from socratune.training.hf_trainer import as_features
 
     config = config.model_copy(deep=True)
     config.lora.dropout = load_config(preset=REFERENCE_PRESET).lora.dropout
@@ -205,7 +205,7 @@ def build_trl(config, hardware, tokenizer, train, output_dir, overrides: dict[st
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from socratune.hf_trainer import as_features
+    from socratune.training.hf_trainer import as_features
 
     c = config.lora
     peft_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
@@ -218,7 +218,7 @@ def build_trl(config, hardware, tokenizer, train, output_dir, overrides: dict[st
 
 
 def build_socratune(config, hardware, tokenizer, train, eval_examples, output_dir):
-    from socratune.hf_trainer import build_trainer
+    from socratune.training.hf_trainer import build_trainer
 
     model = lora(base_model(config, hardware, config.model.attn_implementation), config,
                  config.model.gradient_checkpointing)
@@ -234,8 +234,8 @@ def eval_loss(model, tokenizer, examples, device: str) -> float:
     """Mean loss per trained (bot) token over the eval dialogues, computed the same way for every run."""
     import torch
 
-    from socratune.hf_trainer import as_features
-    from socratune.template import IGNORE_INDEX, PaddingCollator
+    from socratune.data.template import IGNORE_INDEX, PaddingCollator
+    from socratune.training.hf_trainer import as_features
 
     collate, features = PaddingCollator(tokenizer.pad_token_id), as_features(examples)
     model.eval()
@@ -257,7 +257,7 @@ def worker(name: str, spec: dict) -> dict:
     import torch
     from transformers import set_seed
 
-    from socratune.modeling import detect_hardware
+    from socratune.model.modeling import detect_hardware
 
     torch.set_num_threads(spec["threads"])
     set_seed(spec["seed"])  # the LoRA initialisation draws from the global RNG: the same start for every run

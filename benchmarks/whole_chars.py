@@ -34,11 +34,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    from socratune import generate
-    from socratune.evaluate import load_prompts
-    from socratune.modeling import load_for_inference
+    from socratune.evaluation.evaluate import load_prompts
+    from socratune.generation import generate
+    from socratune.generation.whole_chars import REPLACEMENT
+    from socratune.model.modeling import load_for_inference
     from socratune.style import StyleScorer, summarize
-    from socratune.whole_chars import REPLACEMENT
 
     prompts = (real_openers(args.prompts, args.limit, args.seed) if args.prompts
                else [p.prompt for p in load_prompts()])

@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from socratune.tiny import build_tokenizer, bundled_texts
+    from socratune.model.tiny import build_tokenizer, bundled_texts
 
     return build_tokenizer(bundled_texts())
 
@@ -63,6 +63,6 @@ def default_run_copy(default_run, tmp_path) -> Path:
 def default_model(default_run):
     """``(model, tokenizer)``: the default run's base with its final adapter, loaded once for every
     test that generates in-process. Read-only: a test must not train, merge or move it."""
-    from socratune.modeling import load_for_inference
+    from socratune.model.modeling import load_for_inference
 
     return load_for_inference(default_run)

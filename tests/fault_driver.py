@@ -33,8 +33,8 @@ def _kill(signal_number: int = signal.SIGKILL) -> None:
 def install(fault: str, step: int) -> None:
     import torch
 
-    import socratune.train
-    from socratune.callbacks import TrainingMonitorCallback
+    import socratune.training.train
+    from socratune.training.callbacks import TrainingMonitorCallback
 
     if fault in ("kill-after-step", "term-after-step"):
         signal_number = signal.SIGKILL if fault == "kill-after-step" else signal.SIGTERM
@@ -58,7 +58,7 @@ def install(fault: str, step: int) -> None:
 
         torch.save = half_save
     elif fault == "kill-in-final":
-        socratune.train.replace_dir_atomic = lambda staged, final: _kill()
+        socratune.training.train.replace_dir_atomic = lambda staged, final: _kill()
     elif fault == "kill-in-base":
         from transformers import PreTrainedModel
 

@@ -41,15 +41,15 @@ from accelerate.utils import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from socratune.distributed import gather_trainable_shards
-from socratune.generate import GenParams, generate_replies
-from socratune.modeling import (
+from socratune.generation.generate import GenParams, generate_replies
+from socratune.model.modeling import (
     Hardware,
     add_lora,
     check_saved_adapter,
     load_base,
     load_tokenizer,
 )
+from socratune.training.distributed import gather_trainable_shards
 
 STEPS = 2
 PROMPTS = {0: ["勇気とは何だろうか？", "正義とは何か、教えてください。"],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from socratune.errors import DataError
+from socratune.core.errors import DataError
 
 SYSTEM = "あなたはソクラテスです。"
 SHORT = "幸福とは何でしょうか？"
@@ -67,8 +67,8 @@ class Terminal:
 
 def _context_for_long_question(run: Path) -> int:
     """A context that holds the system prompt plus LONG and a reply, but not any earlier exchange too."""
-    from socratune.generate import prompt_texts
-    from socratune.modeling import load_tokenizer
+    from socratune.generation.generate import prompt_texts
+    from socratune.model.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(run / "adapter"))
     text = prompt_texts(tokenizer, [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": LONG}]])[0]
@@ -77,7 +77,7 @@ def _context_for_long_question(run: Path) -> int:
 
 @pytest.mark.slow  # starts a subprocess
 def test_chat_in_a_terminal_streams_keeps_history_in_context_and_saves_training_data(default_run, tmp_path):
-    from socratune.data import load_dialogues
+    from socratune.data.dialogues import load_dialogues
 
     context = _context_for_long_question(default_run)
     saved, after_reset = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
@@ -116,8 +116,8 @@ def test_chat_in_a_terminal_streams_keeps_history_in_context_and_saves_training_
 
 
 def test_a_turn_reusing_the_cache_replies_as_a_fresh_computation_would(default_model):
-    from socratune.chat import ChatSession
-    from socratune.generate import GenParams
+    from socratune.generation.generate import GenParams
+    from socratune.serving.chat import ChatSession
 
     model, tokenizer = default_model
     params = GenParams(max_new_tokens=MAX_NEW)
@@ -136,8 +136,8 @@ def test_a_turn_reusing_the_cache_replies_as_a_fresh_computation_would(default_m
 
 
 def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(default_model, tmp_path):
-    from socratune.chat import ChatSession, run_chat
-    from socratune.generate import GenParams
+    from socratune.generation.generate import GenParams
+    from socratune.serving.chat import ChatSession, run_chat
 
     model, tokenizer = default_model
     session = ChatSession(model, tokenizer, GenParams(max_new_tokens=8), max_context=40)
@@ -152,8 +152,8 @@ def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(defa
 
 
 def test_max_new_tokens_that_leave_no_room_are_refused(default_model):
-    from socratune.chat import ChatSession
-    from socratune.generate import GenParams
+    from socratune.generation.generate import GenParams
+    from socratune.serving.chat import ChatSession
 
     model, tokenizer = default_model
     with pytest.raises(DataError, match="leaves no room"):
@@ -161,8 +161,8 @@ def test_max_new_tokens_that_leave_no_room_are_refused(default_model):
 
 
 def test_save_asks_before_writing_a_reply_with_broken_characters(default_model, tmp_path):
-    from socratune.chat import BrokenTextError, ChatSession, run_chat
-    from socratune.generate import GenParams
+    from socratune.generation.generate import GenParams
+    from socratune.serving.chat import BrokenTextError, ChatSession, run_chat
 
     session = ChatSession(*default_model, GenParams(max_new_tokens=8))
     good = [{"role": "user", "content": SHORT}, {"role": "assistant", "content": "君はどう考えるのかね？"}]

@@ -10,7 +10,7 @@ import yaml
 
 from socratune import __version__
 from socratune.cli import _config_from_args, build_parser, main
-from socratune.config import Config, load_config
+from socratune.core.config import Config, load_config
 
 COMMANDS = ["train", "validate", "config", "generate", "chat", "serve", "export", "status", "score", "evaluate"]
 
@@ -141,7 +141,7 @@ def test_status_of_a_directory_that_is_not_a_run_is_an_error(tmp_path, capsys):
 
 
 def test_validate_takes_set_too(capsys):
-    from socratune.examples import bundled_data_path
+    from socratune.training.examples import bundled_data_path
 
     assert main(["validate", str(bundled_data_path()), "--set", "data.max_seq_len=64"]) == 0
     out = capsys.readouterr().out

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from socratune.config import available_presets, load_config
-from socratune.errors import ConfigError
+from socratune.core.config import available_presets, load_config
+from socratune.core.errors import ConfigError
 
 
 def test_presets_ship_tiny_and_the_reference_recipe():

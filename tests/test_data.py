@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from socratune.data import (
+from socratune.core.errors import DataError
+from socratune.data.dialogues import (
     REASONS,
     Dialogue,
     Rejection,
@@ -20,7 +21,6 @@ from socratune.data import (
     require_usable,
     write_rejections,
 )
-from socratune.errors import DataError
 
 GOOD = {
     "source_file": "dialogue_kuchohenka_AI10.3_20250111_034149_12.txt",

@@ -17,16 +17,17 @@ from importlib import resources
 import pytest
 
 from socratune.cli import main
-from socratune.errors import ConfigError, DataError
-from socratune.evaluate import (
+from socratune.core.errors import ConfigError, DataError
+from socratune.core.scores import SCORE_KEYS as KEYS
+from socratune.evaluation.evaluate import (
     EVALUATION_DIR,
     EvalPrompt,
     followup,
     followup_script,
     load_prompts,
 )
-from socratune.judge import Judge, chat_completions_url, parse_verdict, public_url
-from socratune.report import (
+from socratune.evaluation.judge import Judge, chat_completions_url, parse_verdict, public_url
+from socratune.evaluation.report import (
     AGREEMENT_PNG,
     DISTRIBUTIONS_PNG,
     EVALUATION_JSON,
@@ -39,7 +40,6 @@ from socratune.report import (
     rank_biserial,
     render_report,
 )
-from socratune.scores import SCORE_KEYS as KEYS
 from socratune.style import AXES, load_profile
 
 SECRET = "sk-test-SECRET-4242"
@@ -347,7 +347,7 @@ def test_evaluate_refuses_unknown_checkpoints_and_unfinished_runs(default_run_co
 
 
 def test_a_checkpoint_with_the_final_adapters_weights_is_one_row_listed_as_its_alias(default_run_copy):
-    from socratune.evaluate import evaluate
+    from socratune.evaluation.evaluate import evaluate
 
     selected = json.loads((default_run_copy / "training_summary.json").read_text())["selected"]["step"]
     name = f"checkpoint-{selected}"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from socratune.cli import main
-from socratune.errors import ModelError
-from socratune.rundir import RunDir
+from socratune.core.errors import ModelError
+from socratune.core.rundir import RunDir
 
 PROMPT = [{"role": "user", "content": "幸福とは何でしょうか？"}]
 
@@ -23,7 +23,7 @@ def exported(default_run, tmp_path_factory):
 
 
 def _prompt_ids(tokenizer):
-    from socratune.generate import prompt_texts
+    from socratune.generation.generate import prompt_texts
 
     return tokenizer(prompt_texts(tokenizer, [PROMPT])[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
 
@@ -139,7 +139,7 @@ def test_a_qlora_run_is_merged_into_its_unquantized_base_in_the_compute_dtype(de
 def test_gguf_export_refuses_a_model_it_cannot_express(tiny_tokenizer, tmp_path):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from socratune.export import write_gguf
+    from socratune.model.export import write_gguf
 
     config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)

@@ -26,7 +26,7 @@ def _write_jsonl(path, rows) -> None:
 
 def test_batched_replies_flow_into_score_and_do_not_depend_on_the_batch_size(default_run, default_model, tmp_path,
                                                                               capsys):
-    from socratune.generate import GenParams, generate_replies, read_prompts
+    from socratune.generation.generate import GenParams, generate_replies, read_prompts
 
     prompts, replies_path, scores = tmp_path / "prompts.jsonl", tmp_path / "replies.jsonl", tmp_path / "scores.jsonl"
     _write_jsonl(prompts, PROMPTS)
@@ -75,7 +75,7 @@ def _stream(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str]
     """Feeds ``text``'s tokens one at a time to the streamer, as generate() does; returns the pieces."""
     import torch
 
-    from socratune.generate import delta_streamer
+    from socratune.generation.generate import delta_streamer
 
     pieces: list[str] = []
     streamer = delta_streamer(tokenizer, pieces.append, stop=stop)

@@ -644,7 +644,7 @@ def test_round1_commands_refuse_hostile_input_in_a_few_lines_without_traceback_o
 @pytest.mark.parametrize("content", [BOMB, "name: caf\xe9\n".encode("latin-1"), "[" * 50_000 + "]" * 50_000,
                                      "name: " + "9" * 10_000 + "\n", "- a\n", "fifo", "directory"])
 def test_a_style_profile_file_is_read_like_a_config_and_refused_naming_it(tmp_path, content):
-    from socratune.errors import ConfigError
+    from socratune.core.errors import ConfigError
     from socratune.style import load_profile
 
     path = tmp_path / "p.yaml"
@@ -660,7 +660,7 @@ def test_a_style_profile_file_is_read_like_a_config_and_refused_naming_it(tmp_pa
 
 
 def test_score_writes_nothing_and_keeps_an_old_output_when_no_line_scores(tmp_path):
-    from socratune.errors import DataError
+    from socratune.core.errors import DataError
     from socratune.style import score_jsonl
 
     src, out = tmp_path / "replies.jsonl", tmp_path / "scores.jsonl"
@@ -677,8 +677,8 @@ def test_score_writes_nothing_and_keeps_an_old_output_when_no_line_scores(tmp_pa
 @pytest.mark.parametrize("url", ["http://[::1", "http://[zz::1]/v1", "http://h:99999/v1", "http://h:port/v1",
                                  "ftp://h/v1", "", "http://", "http://a b/v1", "h" * 5000])
 def test_a_url_that_cannot_be_parsed_is_a_config_error_naming_the_flag(url):
-    from socratune.client import split_url
-    from socratune.errors import ConfigError
+    from socratune.core.errors import ConfigError
+    from socratune.synth.client import split_url
 
     with pytest.raises(ConfigError) as caught:
         split_url(url, "--url")

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from fake_openai import FakeOpenAI, Fault
-from socratune.errors import EndpointUnreachable, JudgeFailed
-from socratune.judge import Judge
+from socratune.core.errors import EndpointUnreachable, JudgeFailed
+from socratune.evaluation.judge import Judge
 from socratune.style import AXES, load_profile
 
 GOOD = json.dumps({axis: {"score": 3, "reason": "ok"} for axis in AXES})

@@ -21,8 +21,8 @@ import socratune
 
 HEAVY = {"torch", "transformers"}
 # The recipe and the Trainer's parts: built on transformers by nature, imported only by `train`.
-TRAINING_MODULES = {"socratune.train", "socratune.hf_trainer", "socratune.callbacks", "socratune.preference",
-                    "socratune.progress", "socratune.__main__"}
+TRAINING_MODULES = {"socratune.training.train", "socratune.training.hf_trainer", "socratune.training.callbacks",
+                    "socratune.training.preference", "socratune.training.progress", "socratune.__main__"}
 SRC = str(Path(socratune.__file__).resolve().parents[1])
 
 CHECKER = """
@@ -52,8 +52,9 @@ def check_imports(modules: list[str], extra_path: Path | None = None) -> subproc
 @pytest.mark.slow
 def test_lower_layers_import_no_torch_or_transformers():
     modules = light_modules()
-    assert {"socratune.config", "socratune.data", "socratune.split", "socratune.rundir", "socratune.errors",
-            "socratune.template", "socratune.scores", "socratune.report", "socratune.cli"} <= set(modules)
+    assert {"socratune.core.config", "socratune.data.dialogues", "socratune.data.split", "socratune.core.rundir",
+            "socratune.core.errors", "socratune.data.template", "socratune.core.scores",
+            "socratune.evaluation.report", "socratune.cli"} <= set(modules)
     result = check_imports(modules)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -62,7 +63,7 @@ def test_lower_layers_import_no_torch_or_transformers():
 def test_the_checker_fails_on_a_module_that_imports_torch(tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("", encoding="utf-8")  # a stand-in: fast, and enough
-    (tmp_path / "bad_layer.py").write_text("import socratune.config\nimport torch\n", encoding="utf-8")
-    result = check_imports(["socratune.errors", "bad_layer", "socratune.data"], extra_path=tmp_path)
+    (tmp_path / "bad_layer.py").write_text("import socratune.core.config\nimport torch\n", encoding="utf-8")
+    result = check_imports(["socratune.core.errors", "bad_layer", "socratune.data.dialogues"], extra_path=tmp_path)
     assert result.returncode == 1
     assert "bad_layer imports torch at import time" in result.stderr

@@ -11,16 +11,16 @@ import itertools
 import pytest
 import torch
 
-from socratune.config import load_config
-from socratune.errors import ConfigError, ModelError
-from socratune.hf_trainer import as_features
-from socratune.packing import PackingCollator, break_even_context, make_collator
-from socratune.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
+from socratune.core.config import load_config
+from socratune.core.errors import ConfigError, ModelError
+from socratune.data.packing import PackingCollator, break_even_context, make_collator
+from socratune.data.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
+from socratune.training.hf_trainer import as_features
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from socratune.tiny import build_tiny
+    from socratune.model.tiny import build_tiny
 
     model, tokenizer = build_tiny(seed=0)
     return model.eval(), tokenizer
@@ -28,8 +28,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def bundled_features(tiny):
-    from socratune.data import load_dialogues
-    from socratune.examples import bundled_data_path
+    from socratune.data.dialogues import load_dialogues
+    from socratune.training.examples import bundled_data_path
 
     _, tokenizer = tiny
     path = bundled_data_path()
@@ -83,17 +83,17 @@ def test_labels_never_cross_a_dialogue_boundary(bundled_features, tiny):
 @pytest.mark.slow
 @pytest.mark.parametrize("batching", ["padded", "packed"])
 def test_padding_is_below_ten_percent_of_processed_positions_on_the_bundled_sample(tiny, tmp_path, batching):
-    from socratune.hf_trainer import build_trainer
-    from socratune.modeling import add_lora, detect_hardware
-    from socratune.tiny import build_tiny
+    from socratune.model.modeling import add_lora, detect_hardware
+    from socratune.model.tiny import build_tiny
+    from socratune.training.hf_trainer import build_trainer
 
     _, tokenizer = tiny
     config = load_config(overrides={"data.batching": batching})  # the shipped defaults otherwise
     model, _ = build_tiny(seed=0)
     model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none", quantized=False,
                      gradient_checkpointing=False)
-    from socratune.data import load_dialogues
-    from socratune.examples import bundled_data_path
+    from socratune.data.dialogues import load_dialogues
+    from socratune.training.examples import bundled_data_path
 
     examples, _ = encode_dialogues(tokenizer, load_dialogues(bundled_data_path()).kept, "sample", 384)
     trainer = build_trainer(config, detect_hardware(), model, tokenizer, tmp_path, examples, examples[:8],
@@ -109,16 +109,16 @@ def test_padding_is_below_ten_percent_of_processed_positions_on_the_bundled_samp
 
 @pytest.mark.slow
 def test_packed_evaluation_in_the_trainer_equals_padded_evaluation(tiny, tmp_path):
-    from socratune.hf_trainer import build_trainer
-    from socratune.modeling import add_lora, detect_hardware
-    from socratune.tiny import build_tiny
+    from socratune.model.modeling import add_lora, detect_hardware
+    from socratune.model.tiny import build_tiny
+    from socratune.training.hf_trainer import build_trainer
 
     _, tokenizer = tiny
     model, _ = build_tiny(seed=0)
     model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none", quantized=False,
                      gradient_checkpointing=False)
-    from socratune.data import load_dialogues
-    from socratune.examples import bundled_data_path
+    from socratune.data.dialogues import load_dialogues
+    from socratune.training.examples import bundled_data_path
 
     examples, _ = encode_dialogues(tokenizer, load_dialogues(bundled_data_path()).kept, "sample", 384)
     results = {}
@@ -168,7 +168,7 @@ def test_packing_is_refused_for_attention_that_ignores_dialogue_boundaries(tiny)
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from socratune.tiny import build_tiny
+    from socratune.model.tiny import build_tiny
 
     def causal_only(module, query, key, value, attention_mask, **kwargs):  # a kernel with no mask support
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
@@ -187,7 +187,7 @@ def test_batching_typo_is_a_config_error_naming_the_choices():
 
 
 def test_row_length_follows_what_attention_costs_relative_to_the_model(tiny):
-    from socratune.packing import pack_rows
+    from socratune.data.packing import pack_rows
 
     model, _ = tiny
     assert 1000 < break_even_context(model) < 1600  # tiny: attention outweighs the layers beyond ~1,300 positions

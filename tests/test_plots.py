@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from socratune import plots
+from socratune.training import plots
 
 
 def test_training_plots_are_titled_with_the_run_and_mark_the_step(tmp_path, monkeypatch):

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from socratune.cli import main
-from socratune.modeling import point_adapters_at_base, resolve_model_source
-from socratune.rundir import (
+from socratune.core.rundir import (
     RunDir,
     checkpoint_problem,
     write_manifest,
     write_text_atomic,
 )
+from socratune.model.modeling import point_adapters_at_base, resolve_model_source
 
 
 def _mode(path: Path) -> int:
@@ -36,8 +36,8 @@ def umask():
 
 @pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_atomic_writes_saved_models_and_checkpoints_follow_the_umask(umask, tmp_path, mask, file_mode, dir_mode):
-    from socratune.export import save_merged, write_gguf
-    from socratune.tiny import build_tiny
+    from socratune.model.export import save_merged, write_gguf
+    from socratune.model.tiny import build_tiny
 
     umask(mask)
     write_text_atomic(tmp_path / "report.md", "# report\n")
@@ -110,7 +110,7 @@ def test_plain_peft_and_socratune_use_a_moved_or_copied_run_from_any_directory(
     import torch
     from peft import AutoPeftModelForCausalLM
 
-    from socratune.modeling import load_for_inference
+    from socratune.model.modeling import load_for_inference
 
     recorded = json.loads((default_run_copy / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     assert Path(recorded["base_model_name_or_path"]).is_absolute()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from socratune.cli import main
-from socratune.errors import ConfigError, DataError
-from socratune.prefs import best_and_worst, rank_score, read_pairs, split_pairs
+from socratune.core.errors import ConfigError, DataError
+from socratune.training.prefs import best_and_worst, rank_score, read_pairs, split_pairs
 
 GOOD = {"prompt": [{"role": "user", "content": "正義とは何か？"}], "chosen": "君はどう思うかね？",
         "rejected": "知らない。"}
@@ -97,7 +97,7 @@ def test_ranking_follows_the_weights_and_drops_close_pairs():
 
 
 def test_weights_flag_reads_axis_weights_and_names_what_is_wrong():
-    from socratune.prefs import parse_weights
+    from socratune.training.prefs import parse_weights
 
     assert parse_weights("approach=0.6, logic=0.2,tone=0.1,format=0.1") == {
         "approach": 0.6, "logic": 0.2, "tone": 0.1, "format": 0.1}
@@ -110,7 +110,7 @@ def test_weights_flag_reads_axis_weights_and_names_what_is_wrong():
 
 
 def test_bad_weights_are_refused_before_any_reply_is_sampled(tmp_path, capsys):
-    from socratune.config import dump_yaml, load_config
+    from socratune.core.config import dump_yaml, load_config
 
     run = tmp_path / "run"  # a finished run as prefs reads it: its config and a final adapter
     (run / "adapter").mkdir(parents=True)
@@ -166,7 +166,7 @@ def _hand_grad_of_logp(logits: list, labels: list, row: int) -> list:
 def test_dpo_loss_and_gradients_match_the_formula_by_hand():
     import torch
 
-    from socratune.preference import dpo_loss, sequence_logps
+    from socratune.training.preference import dpo_loss, sequence_logps
 
     logits, labels = _tiny_batch()
     logits.requires_grad_(True)
@@ -195,7 +195,7 @@ def test_dpo_loss_and_gradients_match_the_formula_by_hand():
 def test_dpo_with_sft_weight_adds_the_chosen_replies_token_mean_nll():
     import torch
 
-    from socratune.preference import preference_loss, sequence_logps
+    from socratune.training.preference import preference_loss, sequence_logps
 
     logits, labels = _tiny_batch()
     logits.requires_grad_(True)
@@ -222,7 +222,7 @@ def test_dpo_with_sft_weight_adds_the_chosen_replies_token_mean_nll():
 def test_orpo_loss_and_gradients_match_the_formula_by_hand():
     import torch
 
-    from socratune.preference import orpo_loss
+    from socratune.training.preference import orpo_loss
 
     beta = 0.3
     chosen_sum = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
@@ -241,7 +241,7 @@ def test_orpo_loss_and_gradients_match_the_formula_by_hand():
 
 
 def test_reply_labels_cover_only_the_final_reply(tiny_tokenizer):
-    from socratune.preference import encode_reply
+    from socratune.training.preference import encode_reply
 
     prompt = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "前の答え"},
               {"role": "user", "content": "c"}]
@@ -251,8 +251,8 @@ def test_reply_labels_cover_only_the_final_reply(tiny_tokenizer):
 
 
 def test_preference_method_without_pairs_or_from_is_refused_naming_the_key(tmp_path):
-    from socratune.config import load_config
-    from socratune.preference import check_preference_config
+    from socratune.core.config import load_config
+    from socratune.training.preference import check_preference_config
 
     config = load_config(overrides={"train.method": "dpo", "run.output_dir": str(tmp_path / "r")})
     with pytest.raises(ConfigError, match="--pairs"):
@@ -309,9 +309,9 @@ def dpo_run(default_run, pairs_file, dpo_inputs, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_prefs_pairs_come_from_training_prompts_only(default_run, pairs_file):
-    from socratune.prefs import training_prompts
-    from socratune.rundir import RunDir
-    from socratune.split import load_split
+    from socratune.core.rundir import RunDir
+    from socratune.data.split import load_split
+    from socratune.training.prefs import training_prompts
 
     pairs = read_pairs(pairs_file)
     training = {json.dumps(p, ensure_ascii=False) for p in training_prompts(default_run)}
@@ -353,12 +353,12 @@ def test_reference_logps_are_the_supervised_policys_and_training_leaves_them(dpo
     from the trained policy's: training moved the policy, not the reference."""
     import yaml
 
-    from socratune.config import config_from_dict
-    from socratune.examples import load_tokenizer_for
-    from socratune.modeling import detect_hardware, load_configured_base
-    from socratune.preference import encode_pairs, reference_logps, supervised_adapter
-    from socratune.prefs import read_pairs
-    from socratune.rundir import RunDir
+    from socratune.core.config import config_from_dict
+    from socratune.core.rundir import RunDir
+    from socratune.model.modeling import detect_hardware, load_configured_base
+    from socratune.training.examples import load_tokenizer_for
+    from socratune.training.preference import encode_pairs, reference_logps, supervised_adapter
+    from socratune.training.prefs import read_pairs
 
     run = RunDir(dpo_run)
     config = config_from_dict(yaml.safe_load((dpo_run / "config.yaml").read_text(encoding="utf-8")), "config")
@@ -427,8 +427,8 @@ def test_a_failed_dpo_overwrite_puts_the_finished_run_back_and_a_failed_new_run_
         dpo_run, default_run, pairs_file, tmp_path, capsys, monkeypatch):
     """A bad style profile is refused before anything moves; a failure injected where the model is
     built, after ``--overwrite`` moved the finished run aside, moves it back untouched."""
-    import socratune.train as recipe
-    from socratune.errors import ModelError
+    import socratune.training.train as recipe
+    from socratune.core.errors import ModelError
     from test_runs import tree_digest
 
     bad = tmp_path / "bad.yaml"
@@ -459,8 +459,8 @@ def test_a_failed_dpo_overwrite_puts_the_finished_run_back_and_a_failed_new_run_
 
 @pytest.mark.slow
 def test_evaluate_adds_the_supervised_run_as_a_subject(dpo_run, default_run):
-    from socratune.evaluate import select_subjects
-    from socratune.rundir import RunDir
+    from socratune.core.rundir import RunDir
+    from socratune.evaluation.evaluate import select_subjects
 
     subjects, _ = select_subjects(RunDir(dpo_run), "none")
     assert [s.name for s in subjects] == ["base", "supervised", "tuned"]
@@ -469,8 +469,8 @@ def test_evaluate_adds_the_supervised_run_as_a_subject(dpo_run, default_run):
 
 def test_runs_recorded_before_the_preference_keys_existed_still_continue():
     """A run recorded without ``train.method`` and ``prefs`` is not "changed" by their defaults."""
-    from socratune.config import load_config
-    from socratune.resume import config_changes
+    from socratune.core.config import load_config
+    from socratune.training.resume import config_changes
 
     current = load_config().to_dict()
     recorded = json.loads(json.dumps(current))
@@ -495,9 +495,9 @@ def test_orpo_run_needs_no_reference_and_finishes(default_run, pairs_file, dpo_i
 @pytest.mark.slow
 def test_judge_ranks_pairs_and_replies_it_could_not_score_are_left_out(default_model):
     """``--judge``: the judge's per-axis ratings rank the replies instead of the scorer's."""
-    from socratune.generate import GenParams
-    from socratune.judge import Verdict
-    from socratune.prefs import make_pairs
+    from socratune.evaluation.judge import Verdict
+    from socratune.generation.generate import GenParams
+    from socratune.training.prefs import make_pairs
 
     class LengthJudge:  # rates longer replies higher; gives up on the first reply of each prompt
         def __init__(self) -> None:
@@ -524,8 +524,8 @@ def test_judge_ranks_pairs_and_replies_it_could_not_score_are_left_out(default_m
 
 
 def test_pair_making_settings_do_not_guard_a_preference_run():
-    from socratune.config import load_config
-    from socratune.resume import config_changes
+    from socratune.core.config import load_config
+    from socratune.training.resume import config_changes
 
     recorded = load_config(overrides={"train.method": "dpo"}).to_dict()
     current = load_config(overrides={"train.method": "dpo", "prefs.samples": 9, "prefs.beta": 0.5}).to_dict()

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from socratune.progress import (
+from socratune.core.quiet import HARMLESS_LOG_LINES, HARMLESS_WARNINGS, silence_harmless_messages
+from socratune.training.progress import (
     ProgressCallback,
     estimate_left,
     format_duration,
     progress_line,
 )
-from socratune.quiet import HARMLESS_LOG_LINES, HARMLESS_WARNINGS, silence_harmless_messages
 
 
 def test_durations_and_the_estimate():

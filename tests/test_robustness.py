@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from socratune.errors import RunDirError
-from socratune.rundir import LOCK, RunDir, run_status
+from socratune.core.errors import RunDirError
+from socratune.core.rundir import LOCK, RunDir, run_status
 
 RACER = """
 import sys, time
 from pathlib import Path
-from socratune.errors import RunDirError
-from socratune.rundir import RunDir
+from socratune.core.errors import RunDirError
+from socratune.core.rundir import RunDir
 
 run, go, release, result = RunDir(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 while not go.exists():
@@ -63,8 +63,8 @@ def test_exactly_one_of_many_racing_processes_gets_the_lock(tmp_path):
 CYCLING_RACER = """
 import sys, time
 from pathlib import Path
-from socratune.errors import RunDirError
-from socratune.rundir import RunDir
+from socratune.core.errors import RunDirError
+from socratune.core.rundir import RunDir
 
 run, go, result, seconds = RunDir(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 while not go.exists():
@@ -143,9 +143,9 @@ def test_a_lock_recorded_by_another_host_is_respected_and_the_message_says_how_t
     (["勇気とは？", "正義とは？", "友情とは？"], {"eval_cap": 0}, "data.eval_cap is 0"),
 ])
 def test_data_whose_split_leaves_nothing_to_evaluate_is_refused_with_the_reason(texts, settings, expected):
-    from socratune.data import Dialogue, Turn
-    from socratune.errors import DataError
-    from socratune.split import require_eval_dialogues
+    from socratune.core.errors import DataError
+    from socratune.data.dialogues import Dialogue, Turn
+    from socratune.data.split import require_eval_dialogues
 
     dialogues = [Dialogue(str(i), (Turn("user", text), Turn("assistant", f"あなたは{i}をどう考えますか？")))
                  for i, text in enumerate(texts)]
@@ -161,8 +161,8 @@ def test_a_full_disk_met_by_torch_save_is_named_too(tmp_path, monkeypatch):
     """torch.save reports a full disk as a RuntimeError without an errno: the free space tells."""
     import shutil
 
-    from socratune.errors import StorageError
-    from socratune.resume import start_guard
+    from socratune.core.errors import StorageError
+    from socratune.training.resume import start_guard
 
     run = RunDir(tmp_path / "run")
     (run.checkpoints_dir / "checkpoint-4").mkdir(parents=True)  # training had begun: the run is kept
@@ -176,8 +176,8 @@ def test_a_full_disk_met_by_torch_save_is_named_too(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(30, "Read-only file system")])
 def test_an_output_directory_that_cannot_be_written_is_named_and_nothing_is_left(tmp_path, monkeypatch, error):
-    from socratune.errors import StorageError
-    from socratune.resume import start_guard
+    from socratune.core.errors import StorageError
+    from socratune.training.resume import start_guard
 
     run = RunDir(tmp_path / "out")
     with pytest.raises(StorageError, match=f"(permission denied|read-only file system) writing {run.path / 'x'}"), \
@@ -195,7 +195,7 @@ def test_a_run_directory_under_a_file_is_refused_by_the_lock(tmp_path):
 
 
 def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
-    from socratune.resume import _truncate_metrics
+    from socratune.training.resume import _truncate_metrics
 
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("step,epoch,loss\r\n2,0.1,1.5\r\n4,0.2,1.4\r\n4,0.2\r\n6,0.3,1.3\r\n", encoding="utf-8")
@@ -205,7 +205,7 @@ def test_a_metrics_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
 
 @pytest.mark.parametrize("content", ["[" * 50_000 + "]" * 50_000, "\udcff", '{"global_step": ' + "9" * 5000 + "}"])
 def test_a_checkpoint_with_a_hostile_trainer_state_is_invalid_not_a_crash(tmp_path, content):
-    from socratune.rundir import checkpoint_problem, write_manifest
+    from socratune.core.rundir import checkpoint_problem, write_manifest
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
@@ -221,9 +221,9 @@ def test_an_unreadable_data_or_config_file_is_named(tmp_path, monkeypatch):
     """Tests run as root, where chmod 000 stops nothing: the read itself is made to fail."""
     from pathlib import Path as RealPath
 
-    from socratune.config import load_config
-    from socratune.data import dataset_fingerprint, load_dialogues
-    from socratune.errors import ConfigError, DataError
+    from socratune.core.config import load_config
+    from socratune.core.errors import ConfigError, DataError
+    from socratune.data.dialogues import dataset_fingerprint, load_dialogues
 
     data, config = tmp_path / "d.json", tmp_path / "c.yaml"
     data.write_text("[]", encoding="utf-8")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from socratune.cli import main
-from socratune.rundir import RunDir, checkpoint_problem
+from socratune.core.rundir import RunDir, checkpoint_problem
 
 SMALL_CONFIG = """\
 train:
@@ -42,7 +42,7 @@ DRIVER = Path(__file__).with_name("fault_driver.py")
 
 @pytest.fixture(scope="module")
 def small_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    from socratune.examples import bundled_data_path
+    from socratune.training.examples import bundled_data_path
 
     folder = tmp_path_factory.mktemp("small")
     dialogues = json.loads(bundled_data_path().read_text(encoding="utf-8"))[:40]
@@ -247,8 +247,8 @@ def test_a_kill_while_the_tiny_base_is_saved_leaves_a_run_that_starts_again(smal
 
 
 def test_a_half_written_base_left_by_an_older_version_is_rebuilt(tmp_path):
-    from socratune.modeling import resolve_model_source
-    from socratune.tiny import save_tiny
+    from socratune.model.modeling import resolve_model_source
+    from socratune.model.tiny import save_tiny
 
     whole = save_tiny(tmp_path / "whole")
     for broken in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -280,24 +280,24 @@ def test_a_full_disk_is_named_in_one_line_and_the_run_resumes_once_space_is_free
         small_inputs, reference_run, tmp_path, capsys, monkeypatch):
     import errno
 
-    import socratune.callbacks
+    import socratune.training.callbacks
 
     run = tmp_path / "run"
-    real_write_manifest = socratune.callbacks.write_manifest
+    real_write_manifest = socratune.training.callbacks.write_manifest
 
     def disk_fills_at_step_8(checkpoint, *args, **kwargs):
         if checkpoint.name == "checkpoint-8":
             raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint / "manifest.json"))
         return real_write_manifest(checkpoint, *args, **kwargs)
 
-    monkeypatch.setattr(socratune.callbacks, "write_manifest", disk_fills_at_step_8)
+    monkeypatch.setattr(socratune.training.callbacks, "write_manifest", disk_fills_at_step_8)
     capsys.readouterr()
     assert main(small_args(small_inputs, run)) == 2
     err = capsys.readouterr().err
     assert f"no space left on device writing {run / 'checkpoints' / 'checkpoint-8' / 'manifest.json'}" in err
     assert "Traceback" not in err and "Logging error" not in err
     assert err.strip().splitlines()[-1].startswith("error: no space left on device writing")
-    monkeypatch.setattr(socratune.callbacks, "write_manifest", real_write_manifest)  # space freed
+    monkeypatch.setattr(socratune.training.callbacks, "write_manifest", real_write_manifest)  # space freed
     assert main(small_args(small_inputs, run)) == 0
     assert "resuming from" in capsys.readouterr().err
     assert summary(run)["global_step"] == TOTAL_STEPS
@@ -323,7 +323,7 @@ def test_overwrite_with_delete_old_removes_the_old_run_after_success(small_input
 
 def test_second_writer_is_refused_with_the_holders_pid(reference_run, tmp_path, capsys):
     run = unfinished_copy(reference_run, tmp_path / "run", keep_up_to_step=8)
-    hold = ("import sys, time; from socratune.rundir import RunDir\n"
+    hold = ("import sys, time; from socratune.core.rundir import RunDir\n"
             "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -357,7 +357,7 @@ def test_metrics_of_a_run_started_by_an_earlier_version_stay_one_table(tmp_path)
     import csv
     from types import SimpleNamespace
 
-    from socratune.callbacks import METRIC_COLUMNS, TrainingMonitorCallback
+    from socratune.training.callbacks import METRIC_COLUMNS, TrainingMonitorCallback
 
     old_columns = [c for c in METRIC_COLUMNS if "runtime" not in c]
     metrics = tmp_path / "metrics.csv"

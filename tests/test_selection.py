@@ -9,8 +9,14 @@ import struct
 from pathlib import Path
 from types import SimpleNamespace
 
-from socratune.evaluate import Subject, adapter_fingerprint, merge_identical
-from socratune.selection import best_evaluation, describe_selection, is_new_best, last_is_clearly_worse, select_step
+from socratune.evaluation.evaluate import Subject, adapter_fingerprint, merge_identical
+from socratune.training.selection import (
+    best_evaluation,
+    describe_selection,
+    is_new_best,
+    last_is_clearly_worse,
+    select_step,
+)
 
 HISTORY = [
     {"step": 0, "eval_loss": 4.0, "eval_style_overall": 0.1},  # the untuned base: never selected
@@ -91,8 +97,8 @@ def test_identical_adapters_are_one_row_whatever_the_file_metadata(tmp_path):
 def test_rotation_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from socratune.callbacks import CheckpointCallback
-    from socratune.rundir import MANIFEST
+    from socratune.core.rundir import MANIFEST
+    from socratune.training.callbacks import CheckpointCallback
 
     for step in (20, 40, 60, 80):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -112,7 +118,7 @@ def test_rotation_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
 def test_a_new_best_evaluation_is_saved_and_the_last_step_is_evaluated():
     from transformers import TrainerControl, TrainerState
 
-    from socratune.callbacks import BestCheckpointCallback
+    from socratune.training.callbacks import BestCheckpointCallback
 
     best = BestCheckpointCallback("best_eval_loss")
     for step, saved in ((0, False), (20, True), (40, True), (60, False), (80, False)):

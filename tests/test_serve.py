@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 
 from socratune.cli import main
-from socratune.errors import ConfigError
-from socratune.generate import GenParams, generate_replies
-from socratune.serve import ChatServer, Engine, ServeLimits, model_id_for
+from socratune.core.errors import ConfigError
+from socratune.generation.generate import GenParams, generate_replies
+from socratune.serving.serve import ChatServer, Engine, ServeLimits, model_id_for
 
 QUESTION = "幸福とは何でしょうか？"
 MAX_NEW_TOKENS = 48  # the test server's default reply length: enough to stream, quick on the tiny model
@@ -40,7 +40,7 @@ MAX_NEW_TOKENS = 48  # the test server's default reply length: enough to stream,
 
 @pytest.fixture(scope="module")
 def loaded(default_run: Path) -> tuple[Any, Any]:
-    from socratune.modeling import load_for_inference
+    from socratune.model.modeling import load_for_inference
 
     return load_for_inference(default_run)
 

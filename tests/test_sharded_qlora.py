@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from socratune.distributed import sharding_engine
-from socratune.errors import ModelError
-from socratune.modeling import (
+from socratune.core.errors import ModelError
+from socratune.core.rundir import checkpoint_problem, write_manifest
+from socratune.model.modeling import (
     Hardware,
     add_lora,
     check_saved_adapter,
@@ -29,7 +29,7 @@ from socratune.modeling import (
     load_base,
     quantization_config,
 )
-from socratune.rundir import checkpoint_problem, write_manifest
+from socratune.training.distributed import sharding_engine
 from test_distributed import torchrun
 
 DRIVER = Path(__file__).with_name("fsdp_driver.py")
@@ -68,7 +68,7 @@ def test_each_process_quantizes_onto_its_own_gpu(monkeypatch):
 
 @pytest.mark.slow
 def test_the_sharded_build_is_one_dtype_and_computes_what_the_ordinary_qlora_build_does(tmp_path):
-    from socratune.tiny import save_tiny
+    from socratune.model.tiny import save_tiny
 
     base_dir = save_tiny(tmp_path / "base")
     batch = {"input_ids": torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))}
@@ -94,7 +94,7 @@ def test_the_sharded_build_is_one_dtype_and_computes_what_the_ordinary_qlora_bui
 
 @pytest.mark.slow
 def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_model(tmp_path):
-    from socratune.tiny import save_tiny
+    from socratune.model.tiny import save_tiny
 
     base_dir = save_tiny(tmp_path / "base")
     done = torchrun(str(DRIVER), str(base_dir), str(tmp_path))
@@ -130,7 +130,7 @@ def test_fsdp2_over_two_processes_shards_the_4bit_weights_and_trains_like_one_mo
 def test_the_saved_adapter_check_catches_a_changed_or_missing_file(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from socratune.tiny import build_tiny
+    from socratune.model.tiny import build_tiny
 
     model, _ = build_tiny(seed=0)
     lora = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], bias="none", quantized=False,
@@ -158,7 +158,7 @@ def test_an_evaluation_during_qlora_training_leaves_the_4bit_weights_and_gradien
     no gradient to its input. The trained model must compute the same on every CPU."""
     import bitsandbytes as bnb
 
-    from socratune.tiny import save_tiny
+    from socratune.model.tiny import save_tiny
 
     base_dir = save_tiny(tmp_path / "base")
     batch = {"input_ids": torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))}

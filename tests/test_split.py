@@ -12,9 +12,9 @@ from dataclasses import asdict
 
 import pytest
 
-from socratune.data import Dialogue, Turn, load_dialogues
-from socratune.errors import DataError
-from socratune.split import (
+from socratune.core.errors import DataError
+from socratune.data.dialogues import Dialogue, Turn, load_dialogues
+from socratune.data.split import (
     apply_split,
     load_split,
     save_split,

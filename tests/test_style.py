@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from socratune.errors import ConfigError
+from socratune.core.errors import ConfigError
 from socratune.style import (
     StyleScorer,
     available_profiles,

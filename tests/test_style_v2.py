@@ -16,7 +16,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from socratune.cli import main
-from socratune.errors import ConfigError, DataError
+from socratune.core.errors import ConfigError, DataError
 from socratune.style import (
     FEATURES,
     SCORE_KEYS,
@@ -257,7 +257,7 @@ def test_calibrated_profile_records_its_source_and_loads_everywhere(tmp_path, sc
     replies = _write_jsonl(tmp_path / "replies.jsonl", [{"id": "a", "text": SOCRATIC, "prompt": PROMPT}])
     records, bad, _ = score_jsonl(replies, None, str(tmp_path / "fitted.yaml"))
     assert not bad and records[0]["scores"]["tone"] > 0
-    from socratune.config import load_config
+    from socratune.core.config import load_config
 
     # Training reads it through the style.profile key (train.py: load_profile(config.style.profile)).
     config = load_config(overrides={"style.profile": str(tmp_path / "fitted.yaml")})

@@ -22,9 +22,7 @@ import yaml
 
 from fake_openai import FakeOpenAI, Fault
 from socratune.cli import main
-from socratune.client import ChatClient, split_url
-from socratune.data import load_dialogues
-from socratune.errors import (
+from socratune.core.errors import (
     ConfigError,
     EndpointFailed,
     EndpointLost,
@@ -32,7 +30,8 @@ from socratune.errors import (
     RunDirError,
     SynthInterrupted,
 )
-from socratune.rundir import RunDir
+from socratune.core.rundir import RunDir
+from socratune.data.dialogues import load_dialogues
 from socratune.synth import (
     NearDuplicates,
     SynthPaths,
@@ -43,6 +42,7 @@ from socratune.synth import (
     synth,
     synth_status,
 )
+from socratune.synth.client import ChatClient, split_url
 
 SECRET = "sk-synth-test-0123456789abcdef"
 TOPICS = ["勇気", "正義", "幸福", "友情", "知恵", "自由", "美", "真実", "節度", "敬虔", "学び", "時間"]
@@ -256,7 +256,7 @@ def test_speaker_labels_are_stripped_from_replies():
 
 
 def test_judge_scores_filter_dialogues_and_prices_give_the_cost(fake, tmp_path):
-    from socratune.judge import Judge
+    from socratune.evaluation.judge import Judge
     from socratune.style import AXES, load_profile
 
     def answer(n, body, headers):

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from socratune.template import (
+from socratune.data.template import (
     IGNORE_INDEX,
     PaddingCollator,
     chat_messages,
@@ -104,8 +104,8 @@ def test_collator_pads_to_longest_in_batch_and_masks_padding():
 def test_batched_encoding_equals_one_dialogue_at_a_time(tiny_tokenizer):
     """The tokenizer is called per chunk of dialogues; every example still gets its own ids and
     labels, in order, across chunk boundaries."""
-    from socratune.data import load_dialogues
-    from socratune.examples import bundled_data_path
+    from socratune.data.dialogues import load_dialogues
+    from socratune.training.examples import bundled_data_path
 
     conversations = [(d.id, chat_messages(d.messages(), True)) for d in load_dialogues(bundled_data_path()).kept[:23]]
     batched = encode_many(tiny_tokenizer, conversations, chunk=5)

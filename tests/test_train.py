@@ -12,7 +12,7 @@ import math
 import pytest
 
 from socratune.cli import main
-from socratune.rundir import checkpoint_problem
+from socratune.core.rundir import checkpoint_problem
 
 RUN_FILES = ["config.yaml", "training_config.json", "split.json", "rejected.jsonl", "metrics.csv", "train.log",
              "training_summary.json", "plots/loss.png", "plots/learning_rate.png", "plots/style.png",
@@ -145,9 +145,9 @@ def test_no_usable_dialogue_exits_2_and_writes_nothing(tmp_path, capsys):
 def test_qlora_run_trains_a_4bit_base(tmp_path):
     import bitsandbytes as bnb
 
-    from socratune.config import load_config
-    from socratune.modeling import load_for_inference
-    from socratune.train import train
+    from socratune.core.config import load_config
+    from socratune.model.modeling import load_for_inference
+    from socratune.training.train import train
 
     config = load_config(overrides={"quant.load_in_4bit": True, "train.epochs": 1, "train.eval_steps": 10,
                                     "train.save_steps": 10, "style.eval_samples": 2,
@@ -195,7 +195,7 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_show_example_logs_the_trained_tokens_marked(tmp_path, capsys):
-    from socratune.examples import bundled_data_path
+    from socratune.training.examples import bundled_data_path
 
     data = tmp_path / "few.json"
     data.write_text(json.dumps(json.loads(bundled_data_path().read_text(encoding="utf-8"))[:12],
@@ -213,7 +213,7 @@ def test_every_train_method_runs_the_one_recipe_with_its_own_steps():
     recipe lacks would fail at the start of every such run."""
     from typing import get_args
 
-    from socratune.config import TrainSection
-    from socratune.train import METHODS
+    from socratune.core.config import TrainSection
+    from socratune.training.train import METHODS
 
     assert set(METHODS) == set(get_args(TrainSection.model_fields["method"].annotation))

@@ -10,19 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from socratune.hf_trainer import (
+from socratune.data.packing import make_collator
+from socratune.data.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
+from socratune.model.modeling import add_lora
+from socratune.training.hf_trainer import (
     as_features,
     head_fits_trained_positions,
     head_on_trained_positions,
 )
-from socratune.modeling import add_lora
-from socratune.packing import make_collator
-from socratune.template import IGNORE_INDEX, PaddingCollator, encode_dialogues
 
 
 @pytest.fixture(scope="module")
 def tiny_with_lora():
-    from socratune.tiny import build_tiny
+    from socratune.model.tiny import build_tiny
 
     model, tokenizer = build_tiny(seed=0)
     torch.manual_seed(0)
@@ -36,8 +36,8 @@ def tiny_with_lora():
 
 @pytest.fixture(scope="module")
 def features(tiny_with_lora):
-    from socratune.data import load_dialogues
-    from socratune.examples import bundled_data_path
+    from socratune.data.dialogues import load_dialogues
+    from socratune.training.examples import bundled_data_path
 
     _, tokenizer = tiny_with_lora
     path = bundled_data_path()
@@ -122,10 +122,10 @@ def test_a_model_that_reshapes_its_logits_keeps_full_logits(tiny_with_lora):
 @pytest.mark.parametrize("trained_logits_only", [True, False])
 def test_the_trainer_uses_trained_positions_as_configured_with_the_same_loss(tiny_with_lora, features, tmp_path,
                                                                              trained_logits_only):
-    from socratune.config import load_config
-    from socratune.hf_trainer import build_trainer
-    from socratune.modeling import detect_hardware
-    from socratune.template import Example
+    from socratune.core.config import load_config
+    from socratune.data.template import Example
+    from socratune.model.modeling import detect_hardware
+    from socratune.training.hf_trainer import build_trainer
 
     model, tokenizer = tiny_with_lora
     config = load_config(overrides={"train.trained_logits_only": trained_logits_only})

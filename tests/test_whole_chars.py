@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from socratune.whole_chars import (
+from socratune.generation.whole_chars import (
     BETWEEN,
     REPLACEMENT,
     Utf8State,
@@ -85,9 +85,9 @@ def test_an_untrained_tiny_model_never_emits_a_broken_character(guarded, monkeyp
     control that shows this test can fail."""
     import torch
 
-    from socratune import generate
-    from socratune.generate import GenParams, generate_replies
-    from socratune.tiny import build_tiny
+    from socratune.generation import generate
+    from socratune.generation.generate import GenParams, generate_replies
+    from socratune.model.tiny import build_tiny
 
     if not guarded:
         monkeypatch.setattr(generate, "whole_character_kwargs", lambda tokenizer: {})
@@ -112,8 +112,14 @@ def test_a_streamed_reply_cut_inside_a_character_shows_no_half_of_it():
     from the same seed, and neither holds U+FFFD, also when the cut falls inside a character."""
     import torch
 
-    from socratune.generate import GenParams, delta_streamer, generate_replies, prompt_texts, whole_character_kwargs
-    from socratune.tiny import build_tiny
+    from socratune.generation.generate import (
+        GenParams,
+        delta_streamer,
+        generate_replies,
+        prompt_texts,
+        whole_character_kwargs,
+    )
+    from socratune.model.tiny import build_tiny
 
     model, tokenizer = build_tiny(seed=3)
     conversation = [{"role": "user", "content": "勇気とは何だと思いますか？"}]

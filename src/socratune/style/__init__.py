@@ -5,7 +5,7 @@ Callers import from here (``from socratune.style import StyleScorer``); the name
 package's public API. Importing it loads neither torch nor the Sudachi dictionary.
 """
 
-from ..scores import AXES, SCORE_KEYS
+from ..core.scores import AXES, SCORE_KEYS
 from .profile import (
     DEFAULT_PROFILE,
     FEATURES,

@@ -30,10 +30,10 @@ from typing import Any
 
 import yaml
 
-from ..data import check_output_file, jsonl_lines, read_text_file
-from ..errors import ConfigError, DataError, quote_capped
-from ..rundir import write_text_atomic
-from ..scores import AXES
+from ..core.errors import ConfigError, DataError, quote_capped
+from ..core.rundir import write_text_atomic
+from ..core.scores import AXES
+from ..data.dialogues import check_output_file, jsonl_lines, read_text_file
 from .profile import FEATURES, Calibration, StyleProfile
 from .scorer import StyleScorer, combine, reply_line_problem
 

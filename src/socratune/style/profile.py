@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import ConfigError, quote_capped
-from ..scores import AXES  # the axis names, written once for the whole package
+from ..core.errors import ConfigError, quote_capped
+from ..core.scores import AXES  # the axis names, written once for the whole package
 
 DEFAULT_PROFILE = "socrates"
 MAX_PROBLEMS_SHOWN = 3  # lines of a profile's validation errors quoted in one message
@@ -276,7 +276,7 @@ def profile_source(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     """(label for messages, YAML mapping) of a shipped profile name or a YAML path. A path is read
     through the config reader, so a missing file, a directory, a FIFO, non-UTF-8 text, aliases,
     deep nesting or huge integers each get a one-line ConfigError naming the file."""
-    from ..config import read_yaml_file
+    from ..core.config import read_yaml_file
 
     name = str(name_or_path)
     if isinstance(name_or_path, str) and not name.endswith((".yaml", ".yml")) and "/" not in name:

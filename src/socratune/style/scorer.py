@@ -38,10 +38,10 @@ from typing import Any, NamedTuple
 
 from sudachipy import Dictionary, SplitMode
 
-from ..data import jsonl_lines, read_text_file
-from ..errors import DataError
-from ..rundir import write_text_atomic
-from ..scores import AXES, SCORE_KEYS
+from ..core.errors import DataError
+from ..core.rundir import write_text_atomic
+from ..core.scores import AXES, SCORE_KEYS
+from ..data.dialogues import jsonl_lines, read_text_file
 from .profile import (
     DEFAULT_PROFILE,
     Marker,

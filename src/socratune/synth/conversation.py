@@ -11,8 +11,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..client import ChatClient, ChatReply
-from ..errors import EndpointFailed
+from ..core.errors import EndpointFailed
+from .client import ChatClient, ChatReply
 from .profile import Persona, SynthProfile, request_seed
 
 # A request that failed with one of these ends the run: the endpoint is gone or refuses us, and

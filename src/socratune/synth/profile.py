@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import read_yaml_file
-from ..errors import ConfigError
+from ..core.config import read_yaml_file
+from ..core.errors import ConfigError
 
 AXES_AND_OVERALL = ("tone", "approach", "format", "logic", "overall")
 

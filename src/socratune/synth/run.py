@@ -17,9 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..client import ChatClient
-from ..data import check_output_file, jsonl_lines, load_dialogues, read_text_file
-from ..errors import (
+from ..core.errors import (
     ConfigError,
     DataError,
     EndpointFailed,
@@ -27,7 +25,9 @@ from ..errors import (
     SynthInterrupted,
     quote_capped,
 )
-from ..rundir import RunDir, write_json_atomic
+from ..core.rundir import RunDir, write_json_atomic
+from ..data.dialogues import check_output_file, jsonl_lines, load_dialogues, read_text_file
+from .client import ChatClient
 from .conversation import Conversation, Dropped, converse
 from .dedupe import NearDuplicates, dialogue_text
 from .profile import AXES_AND_OVERALL, SynthProfile, load_synth_profile, plan_dialogue
