@@ -237,8 +237,8 @@ def _gen_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
+    from ..core.errors import check_readable_file
     from ..core.rundir import write_text_atomic
-    from ..data.dialogues import check_readable_file
     from ..generation.generate import generate_replies, read_prompts, reply_records
     from ..model.modeling import load_for_inference
 
@@ -459,7 +459,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from ..data.dialogues import check_readable_file
+    from ..core.errors import check_readable_file
     from ..style import format_summary_table, load_profile, score_jsonl
 
     check_readable_file(Path(args.file), "replies file")  # a FIFO would block the reader
@@ -491,8 +491,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..core.errors import check_readable_file
     from ..core.scores import SCORE_KEYS as KEYS
-    from ..data.dialogues import check_readable_file
     from ..evaluation.evaluate import evaluate
     from ..evaluation.report import REPORT_MD, repeated_reply_warnings
     from ..style import load_profile

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError, os_error_message, quote_capped
+from .errors import ConfigError, check_readable_file, os_error_message, quote_capped
 
 DEFAULT_PRESET = "tiny"
 
@@ -222,7 +222,6 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
 def read_yaml_file(path: Path, what: str = "config file") -> dict[str, Any]:
     """The mapping in a YAML file, or a ConfigError in one line naming the file: missing, not a
     regular file, unreadable, not UTF-8, not YAML, aliases, or not a mapping."""
-    from ..data.dialogues import check_readable_file
 
     check_readable_file(path, what, ConfigError)
     try:

@@ -1,13 +1,16 @@
 """Typed errors raised by library code.
 
 Library modules never print or exit; they raise one of these and the CLI turns it into a
-message and an exit code (2 for bad input a user can fix).
+message and an exit code (2 for bad input a user can fix). ``check_readable_file`` lives here too:
+the one check that a path is a file that can be read, for config files and data files alike.
 """
 
 from __future__ import annotations
 
 import errno
 import reprlib
+import stat
+from pathlib import Path
 
 
 class SocratuneError(Exception):
@@ -138,3 +141,19 @@ def os_error_message(exc: OSError, path: object, doing: str = "writing") -> str:
     """One line for the user: what failed, on which path, and what to do."""
     what, advice = _OS_ERROR_ADVICE.get(exc.errno or 0, (exc.strerror or str(exc), "check the path"))
     return f"{what} {doing} {path}; {advice}"
+
+
+def check_readable_file(path: Path, what: str, error: type[SocratuneError] = DataError) -> None:
+    """Raise DataError unless ``path`` is an existing regular file that can be opened: a missing
+    path, a directory, a FIFO (which would block a reader forever), a symlink loop and an
+    unreadable file each get one line naming ``what`` and the path."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(os_error_message(exc, path, f"reading {what}")) from exc
+    if stat.S_ISDIR(mode):
+        raise error(f"{what} {path} is a directory; give a file")
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} {path} is not a regular file (a pipe, socket or device); give a file")

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import ConfigError, DataError, SocratuneError, os_error_message, quote_capped
+from ..core.errors import ConfigError, DataError, SocratuneError, check_readable_file, os_error_message, quote_capped
 from ..core.rundir import write_text_atomic
 
 BOT = "assistant"
@@ -320,22 +319,6 @@ def load_dialogues(path: str | Path) -> ValidationReport:
             metadata = {k: v for k, v in record.items() if k != "messages"}
             kept.append(Dialogue(str(index), tuple(checked), metadata))
     return ValidationReport(str(path), kept, rejections)
-
-
-def check_readable_file(path: Path, what: str, error: type[SocratuneError] = DataError) -> None:
-    """Raise DataError unless ``path`` is an existing regular file that can be opened: a missing
-    path, a directory, a FIFO (which would block a reader forever), a symlink loop and an
-    unreadable file each get one line naming ``what`` and the path."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise error(os_error_message(exc, path, f"reading {what}")) from exc
-    if stat.S_ISDIR(mode):
-        raise error(f"{what} {path} is a directory; give a file")
-    if not stat.S_ISREG(mode):
-        raise error(f"{what} {path} is not a regular file (a pipe, socket or device); give a file")
 
 
 def check_output_file(path: Path, flag: str, error: type[SocratuneError] = ConfigError) -> None:

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
-    from .train import BuiltModel, FitJob
+    from .jobs import BuiltModel, FitJob
 
 logger = logging.getLogger("socratune")
 REFERENCE_LOGPS = "reference_logps.json"

@@ -1,6 +1,6 @@
 """THE training recipe, read top to bottom: ``train(config)`` is the only place that wires the
 components together. Its steps are numbered below; ``fit_and_save`` runs steps 4-8, each a named
-function over a ``FitJob`` (what the run prepared) and a ``BuiltModel``.
+function over a ``FitJob`` (what the run prepared) and a ``BuiltModel`` (both in jobs.py).
 
 Nothing is written before the data has been validated and tokenized, so bad input leaves the
 disk untouched. Progress goes to the ``socratune`` logger (the CLI shows it; ``train.log`` in
@@ -20,7 +20,6 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,7 +49,6 @@ from ..data.template import show_example
 from ..generation.generate import GenParams, generate_replies
 from ..model.memory import resource_usage
 from ..model.modeling import (
-    Hardware,
     add_configured_lora,
     check_saved_adapter,
     detect_hardware,
@@ -68,7 +66,6 @@ from .callbacks import (
 )
 from .distributed import Ranks, sharding_engine
 from .examples import (
-    TrainingData,
     data_path_for,
     load_tokenizer_for,
     prepare_supervised,
@@ -76,6 +73,7 @@ from .examples import (
     write_supervised_split,
 )
 from .hf_trainer import adapter_state_for_saving, build_trainer, summarize_run, training_record
+from .jobs import BuiltModel, FitJob, Method
 from .preference import (
     PreferenceMonitorCallback,
     make_preference_trainer,
@@ -92,8 +90,6 @@ from .selection import Selected, select_step
 
 if TYPE_CHECKING:
     import torch
-    from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger("socratune")
 
@@ -109,50 +105,6 @@ class TrainResult:
     sample_reply: str | None = None
     notes: list[str] = field(default_factory=list)
     main_process: bool = True  # False on the other processes of a distributed run: they print nothing
-
-
-@dataclass
-class FitJob:
-    """What steps 1-3 prepared for the fit: the run, its validated data split for the Trainer, and
-    the checkpoint it resumes from (None: a fresh start)."""
-
-    config: Config
-    method: Method
-    run: RunDir
-    ranks: Ranks
-    tokenizer: PreTrainedTokenizerBase
-    prepared: Any  # what the method's ``prepare`` step returned
-    data: TrainingData
-    fingerprint: str  # of the data file the run is bound to
-    resume: Path | None
-    started: float  # perf_counter() at the start of ``train``
-
-
-@dataclass
-class BuiltModel:
-    """The model being trained and where it runs."""
-
-    model: PeftModel
-    source: str  # the base model's directory or hub id
-    hardware: Hardware
-    engine: str | None  # "fsdp", "deepspeed" or None (sharding_engine())
-    sharded: bool  # its tensors are sharded over the processes (FSDP / ZeRO-3 on GPUs)
-
-
-@dataclass(frozen=True)
-class Method:
-    """The steps where one ``train.method`` differs from another; ``train`` runs all the rest the
-    same way for every method. Numbers are the recipe's steps."""
-
-    data_path: Callable[[Config], Path]  # 0. the file the run is bound to; refuses a config it cannot run
-    prepare: Callable[[Config, PreTrainedTokenizerBase], Any]  # 2. load, validate, tokenize: writes nothing
-    write_split: Callable[[RunDir, Config, Any], None]  # 3. the split on disk (main process)
-    read_split: Callable[[RunDir, Config, Any], TrainingData]  # 3. the persisted split applied (every process)
-    adapter: Callable[[Config, PreTrainedModel, bool], PeftModel]  # 4. the trained adapter on the base
-    monitor: type[TrainingMonitorCallback]  # 5. metrics.csv and plots
-    make_trainer: Callable[[FitJob, BuiltModel, list[TrainerCallback]], Trainer]  # 5. data and loss
-    summary: Callable[[Config, Trainer], dict[str, Any]]  # 7. what the method adds to the summary
-    selection: Callable[[Config], str]  # 5, 7. the rule that picks the step whose weights are kept
 
 
 def make_supervised_trainer(job: FitJob, built: BuiltModel, callbacks: list[TrainerCallback]) -> Trainer:
