@@ -9,14 +9,15 @@ import pytest
 import yaml
 
 from socratune import __version__
-from socratune.cli import _config_from_args, build_parser, main
+from socratune.cli import build_parser, main
+from socratune.cli.common import config_from_args
 from socratune.core.config import Config, load_config
 
 COMMANDS = ["train", "validate", "config", "generate", "chat", "serve", "export", "status", "score", "evaluate"]
 
 
 def _train_config(argv: list[str]) -> Config:
-    return _config_from_args(build_parser().parse_args(["train", *argv]))
+    return config_from_args(build_parser().parse_args(["train", *argv]))
 
 
 def test_set_reaches_nested_keys_with_yaml_types():
