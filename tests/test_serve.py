@@ -32,7 +32,9 @@ import pytest
 from socratune.cli import main
 from socratune.core.errors import ConfigError
 from socratune.generation.generate import GenParams, generate_replies
-from socratune.serving.serve import ChatServer, Engine, ServeLimits, model_id_for
+from socratune.serving.engine import Engine, model_id_for
+from socratune.serving.schema import ServeLimits
+from socratune.serving.server import ChatServer
 
 QUESTION = "幸福とは何でしょうか？"
 MAX_NEW_TOKENS = 48  # the test server's default reply length: enough to stream, quick on the tiny model

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model.modeling import load_for_inference
-    from ..serving.serve import API_KEY_ENV, ChatServer, Engine, is_loopback, model_id_for
+    from ..serving.app import is_loopback
+    from ..serving.engine import Engine, model_id_for
+    from ..serving.server import API_KEY_ENV, ChatServer
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host):
