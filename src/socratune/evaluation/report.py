@@ -194,8 +194,17 @@ def plot_report(records: list[dict], models: list[dict[str, Any]], stats: dict[s
     names = [m["name"] for m in models]
     title = f"{run_name}: " if run_name else ""
     summary = stats["summary"]
-    written = []
+    written = [_plot_means(plt, models, summary, folder, title),
+               _plot_progression(plt, models, summary, folder, title, selected_step),
+               _plot_distributions(plt, records, names, folder, title)]
+    if "agreement" in stats:
+        written.append(_plot_agreement(plt, records, stats, folder, title))
+    return written
 
+
+def _plot_means(plt: Any, models: list[dict[str, Any]], summary: dict[str, Any], folder: Path, title: str) -> str:
+    """Mean style score per model and axis, with bootstrap intervals."""
+    names = [m["name"] for m in models]
     figure, axes = plt.subplots(figsize=(max(7.0, 0.25 * len(SCORE_KEYS) * len(names) + 4), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -212,8 +221,12 @@ def plot_report(records: list[dict], models: list[dict[str, Any]], stats: dict[s
     axes.set_title(f"{title}mean style score per model")
     save_figure(figure, folder / MEANS_PNG)
     plt.close(figure)
-    written.append(MEANS_PNG)
+    return MEANS_PNG
 
+
+def _plot_progression(plt: Any, models: list[dict[str, Any]], summary: dict[str, Any], folder: Path, title: str,
+                      selected_step: int | None) -> str:
+    """Style score by training step; the final adapter a star, ``selected_step`` marked."""
     # Base (step 0) and the checkpoints form the line; the final adapter is a star at its step.
     # When it has the weights of a checkpoint (listed as its alias) it is that point of the line.
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -239,8 +252,11 @@ def plot_report(records: list[dict], models: list[dict[str, Any]], stats: dict[s
     axes.legend(fontsize=8)
     save_figure(figure, folder / PROGRESSION_PNG)
     plt.close(figure)
-    written.append(PROGRESSION_PNG)
+    return PROGRESSION_PNG
 
+
+def _plot_distributions(plt: Any, records: list[dict], names: list[str], folder: Path, title: str) -> str:
+    """Each axis's scores per reply, one box per model."""
     figure, grid = plt.subplots(1, len(SCORE_KEYS), figsize=(3.2 * len(SCORE_KEYS), 4), sharey=True)
     for axes, key in zip(grid, SCORE_KEYS):
         axes.boxplot([[r["scores"][key] for r in records if r["model"] == n] for n in names], showmeans=True)
@@ -251,26 +267,27 @@ def plot_report(records: list[dict], models: list[dict[str, Any]], stats: dict[s
     grid[0].set_ylabel("style score per reply (0-4)")
     save_figure(figure, folder / DISTRIBUTIONS_PNG)
     plt.close(figure)
-    written.append(DISTRIBUTIONS_PNG)
+    return DISTRIBUTIONS_PNG
 
-    if "agreement" in stats:
-        figure, grid = plt.subplots(1, len(AXES), figsize=(3.2 * len(AXES), 3.4), sharey=True)
-        for axes, axis in zip(grid, AXES):
-            pairs = [(r["scores"][axis], r["judge"]["scores"][axis]) for r in records
-                     if r["judge"]["scores"][axis] is not None]
-            axes.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=12, alpha=0.5)
-            rho = stats["agreement"][axis]["spearman"]
-            axes.set_title(f"{axis}: rho {rho:.2f}" if rho is not None else f"{axis}: rho n/a", fontsize=10)
-            axes.set_xlim(-0.1, 4.1)
-            axes.set_ylim(-0.2, 4.2)
-            axes.set_xlabel("scorer")
-            axes.grid(alpha=0.3)
-        grid[0].set_ylabel("judge")
-        figure.suptitle(f"{title}style scorer vs LLM judge")
-        save_figure(figure, folder / AGREEMENT_PNG)
-        plt.close(figure)
-        written.append(AGREEMENT_PNG)
-    return written
+
+def _plot_agreement(plt: Any, records: list[dict], stats: dict[str, Any], folder: Path, title: str) -> str:
+    """The scorer against the LLM judge, one scatter per axis."""
+    figure, grid = plt.subplots(1, len(AXES), figsize=(3.2 * len(AXES), 3.4), sharey=True)
+    for axes, axis in zip(grid, AXES):
+        pairs = [(r["scores"][axis], r["judge"]["scores"][axis]) for r in records
+                 if r["judge"]["scores"][axis] is not None]
+        axes.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=12, alpha=0.5)
+        rho = stats["agreement"][axis]["spearman"]
+        axes.set_title(f"{axis}: rho {rho:.2f}" if rho is not None else f"{axis}: rho n/a", fontsize=10)
+        axes.set_xlim(-0.1, 4.1)
+        axes.set_ylim(-0.2, 4.2)
+        axes.set_xlabel("scorer")
+        axes.grid(alpha=0.3)
+    grid[0].set_ylabel("judge")
+    figure.suptitle(f"{title}style scorer vs LLM judge")
+    save_figure(figure, folder / AGREEMENT_PNG)
+    plt.close(figure)
+    return AGREEMENT_PNG
 
 
 # --- the markdown report ----------------------------------------------------------------------

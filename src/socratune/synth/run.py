@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +243,8 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
          min_overall: float, duplicates: NearDuplicates, student: ChatClient, socrates: ChatClient, judge: Any,
          on_progress: Callable[[Progress], None] | None) -> dict[str, Any]:
     """The locked part of ``synth``: resume, generate, filter, write, summarize."""
-    from ..style import AXES, StyleScorer, load_profile
+    from ..style import StyleScorer, load_profile
 
-    thresholds = profile.filter
     scorer = StyleScorer(load_profile())
     with RunDir(paths.state).lock():
         for path in (paths.output, paths.rejected):
@@ -266,111 +266,13 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
                         request.dialogues, paths.output, len(done))
         started = time.monotonic()
 
-        def decide(talk: Conversation) -> tuple[dict[str, Any], str | None]:
-            """The line to write and the reason to reject it (None: keep)."""
-            bot = [m for m in talk.messages if m["role"] == "assistant"]
-            prompts = [talk.messages[i - 1]["content"] for i, m in enumerate(talk.messages) if m["role"] == "assistant"]
-            per_reply = [scorer.score(m["content"], p) for m, p in zip(bot, prompts)]
-            style = {k: _mean([getattr(s, k) for s in per_reply]) for k in AXES_AND_OVERALL}
-            judged = None
-            if talk.judge:
-                values = [s for v in talk.judge for s in v.scores.values() if s is not None]
-                judged = {"mean": _mean(values), "verdicts": [v.as_dict() for v in talk.judge]}
-            line = {"messages": talk.messages, "meta": {
-                "index": talk.index, "seed": request.seed, "question": talk.question,
-                "persona": talk.persona.model_dump(),
-                "models": {"student": student.model, "socrates": socrates.model},
-                "temperatures": {"student": profile.student.temperature, "socrates": profile.socrates.temperature},
-                "scores": {"style": style, "replies": [{k: getattr(s, k) for k in AXES_AND_OVERALL}
-                                                       for s in per_reply], "judge": judged},
-                "finish_reasons": [r.finish_reason for r in talk.replies],
-                "usage": {"prompt_tokens": sum(r.prompt_tokens for r in talk.replies),
-                          "completion_tokens": sum(r.completion_tokens for r in talk.replies),
-                          "requests": len(talk.replies), "attempts": sum(r.attempts for r in talk.replies)},
-            }}
-            if talk.failure:
-                return line, talk.failure
-            empty = next((n for n, m in enumerate(talk.messages, 1) if not m["content"]), None)
-            if empty is not None:
-                return line, f"empty_reply: message {empty} is empty"
-            if style["overall"] < min_overall:
-                return line, f"low_score: overall {style['overall']:.2f} < {min_overall:g}"
-            for axis in AXES if min_overall > 0 else ():  # --min-score 0 keeps every completed dialogue
-                floor = thresholds.min_axis.get(axis, 0.0)
-                if style[axis] < floor:
-                    return line, f"low_score: {axis} {style[axis]:.2f} < {floor:g}"
-            if (judged is not None and min_overall > 0
-                    and (judged["mean"] is None or judged["mean"] < thresholds.min_judge)):
-                shown = "no score" if judged["mean"] is None else f"{judged['mean']:.2f}"
-                return line, f"low_judge_score: {shown} < {thresholds.min_judge:g}"
-            twin = duplicates.find(dialogue_text(talk.messages))
-            if twin is not None:
-                return line, f"near_duplicate: of {twin[0]} (Jaccard {twin[1]:.2f} >= {thresholds.near_duplicate:g})"
-            duplicates.add(f"{paths.output.name}#{talk.index}", dialogue_text(talk.messages))
-            return line, None
-
-        def work(index: int) -> Conversation:
-            question, persona = plan_dialogue(profile, request.seed, index)
-            talk = converse(index, question, persona, profile, request.turns, request.seed, student, socrates, stop)
-            if judge is not None and talk.failure is None:
-                for i, message in enumerate(talk.messages):
-                    if message["role"] == "assistant":
-                        if stop.is_set():
-                            raise Dropped
-                        talk.judge.append(judge.rate(message["content"], talk.messages[i - 1]["content"]))
-            return talk
-
         stop = threading.Event()
-        lost: EndpointFailed | None = None
-        unwritable: DataError | None = None
-        interrupted = False
-        with open(paths.output, "a", encoding="utf-8") as kept_file, \
-                open(paths.rejected, "a", encoding="utf-8") as rejected_file, \
-                ThreadPoolExecutor(max_workers=request.concurrency, thread_name_prefix="synth") as pool:
-            pending: set[Future] = set()
-            queue = iter(todo)
-            try:
-                while True:
-                    # Submit only as many as run at once, so a stop leaves nothing queued.
-                    while not stop.is_set() and len(pending) < request.concurrency:
-                        index = next(queue, None)
-                        if index is None:
-                            break
-                        pending.add(pool.submit(work, index))
-                    if not pending:
-                        break
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        try:
-                            talk = future.result()
-                        except Dropped:
-                            continue
-                        except EndpointFailed as exc:
-                            lost = lost or exc
-                            stop.set()
-                            continue
-                        line, reason = decide(talk)
-                        try:
-                            if reason is None:
-                                _append(kept_file, line)
-                                progress.kept += 1
-                            else:
-                                _append(rejected_file, {**line, "reason": reason})
-                                progress.rejected += 1
-                        except DataError as exc:  # a full disk: settle what is in flight, then say so
-                            unwritable = unwritable or exc
-                            stop.set()
-                            continue
-                        progress.done += 1
-                        progress.requests += len(talk.replies)
-                        progress.completion_tokens += sum(r.completion_tokens for r in talk.replies)
-                        progress.elapsed_s = time.monotonic() - started
-                        if on_progress is not None:
-                            on_progress(progress)
-            except KeyboardInterrupt:
-                interrupted = True
-                stop.set()
-                wait(pending)  # each stops before its next request; what it had is dropped, not written
+        decide = partial(_decide, request=request, paths=paths, profile=profile, min_overall=min_overall,
+                         duplicates=duplicates, scorer=scorer, student=student, socrates=socrates)
+        work = partial(_work, request=request, profile=profile, student=student, socrates=socrates, judge=judge,
+                       stop=stop)
+        lost, unwritable, interrupted = _generate(todo, request, paths, progress, started, work, decide, stop,
+                                                  on_progress)
         summary = summarize(paths, request.dialogues, profile)
         summary["this_run"] = {"elapsed_s": round(time.monotonic() - started, 2), "requests": progress.requests,
                                "completion_tokens": progress.completion_tokens,
@@ -379,6 +281,137 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
         record = json.loads(paths.record.read_text(encoding="utf-8"))
         record["summary"] = summary
         write_json_atomic(paths.record, record)
+    _raise_unless_complete(summary, request, paths, lost, unwritable, interrupted)
+    return summary
+
+
+def _decide(talk: Conversation, request: SynthRequest, paths: SynthPaths, profile: SynthProfile, min_overall: float,
+            duplicates: NearDuplicates, scorer: Any, student: ChatClient, socrates: ChatClient
+            ) -> tuple[dict[str, Any], str | None]:
+    """A finished dialogue's line to write and the reason to reject it (None: keep); a kept one joins
+    ``duplicates``."""
+    from ..style import AXES
+
+    thresholds = profile.filter
+    bot = [m for m in talk.messages if m["role"] == "assistant"]
+    prompts = [talk.messages[i - 1]["content"] for i, m in enumerate(talk.messages) if m["role"] == "assistant"]
+    per_reply = [scorer.score(m["content"], p) for m, p in zip(bot, prompts)]
+    style = {k: _mean([getattr(s, k) for s in per_reply]) for k in AXES_AND_OVERALL}
+    judged = None
+    if talk.judge:
+        values = [s for v in talk.judge for s in v.scores.values() if s is not None]
+        judged = {"mean": _mean(values), "verdicts": [v.as_dict() for v in talk.judge]}
+    line = {"messages": talk.messages, "meta": {
+        "index": talk.index, "seed": request.seed, "question": talk.question,
+        "persona": talk.persona.model_dump(),
+        "models": {"student": student.model, "socrates": socrates.model},
+        "temperatures": {"student": profile.student.temperature, "socrates": profile.socrates.temperature},
+        "scores": {"style": style, "replies": [{k: getattr(s, k) for k in AXES_AND_OVERALL}
+                                               for s in per_reply], "judge": judged},
+        "finish_reasons": [r.finish_reason for r in talk.replies],
+        "usage": {"prompt_tokens": sum(r.prompt_tokens for r in talk.replies),
+                  "completion_tokens": sum(r.completion_tokens for r in talk.replies),
+                  "requests": len(talk.replies), "attempts": sum(r.attempts for r in talk.replies)},
+    }}
+    if talk.failure:
+        return line, talk.failure
+    empty = next((n for n, m in enumerate(talk.messages, 1) if not m["content"]), None)
+    if empty is not None:
+        return line, f"empty_reply: message {empty} is empty"
+    if style["overall"] < min_overall:
+        return line, f"low_score: overall {style['overall']:.2f} < {min_overall:g}"
+    for axis in AXES if min_overall > 0 else ():  # --min-score 0 keeps every completed dialogue
+        floor = thresholds.min_axis.get(axis, 0.0)
+        if style[axis] < floor:
+            return line, f"low_score: {axis} {style[axis]:.2f} < {floor:g}"
+    if (judged is not None and min_overall > 0
+            and (judged["mean"] is None or judged["mean"] < thresholds.min_judge)):
+        shown = "no score" if judged["mean"] is None else f"{judged['mean']:.2f}"
+        return line, f"low_judge_score: {shown} < {thresholds.min_judge:g}"
+    twin = duplicates.find(dialogue_text(talk.messages))
+    if twin is not None:
+        return line, f"near_duplicate: of {twin[0]} (Jaccard {twin[1]:.2f} >= {thresholds.near_duplicate:g})"
+    duplicates.add(f"{paths.output.name}#{talk.index}", dialogue_text(talk.messages))
+    return line, None
+
+
+def _work(index: int, request: SynthRequest, profile: SynthProfile, student: ChatClient, socrates: ChatClient,
+          judge: Any, stop: threading.Event) -> Conversation:
+    """One dialogue talked through (and judged); raises Dropped once ``stop`` is set."""
+    question, persona = plan_dialogue(profile, request.seed, index)
+    talk = converse(index, question, persona, profile, request.turns, request.seed, student, socrates, stop)
+    if judge is not None and talk.failure is None:
+        for i, message in enumerate(talk.messages):
+            if message["role"] == "assistant":
+                if stop.is_set():
+                    raise Dropped
+                talk.judge.append(judge.rate(message["content"], talk.messages[i - 1]["content"]))
+    return talk
+
+
+def _generate(todo: list[int], request: SynthRequest, paths: SynthPaths, progress: Progress, started: float,
+              work: Callable[[int], Conversation], decide: Callable[[Conversation], tuple[dict[str, Any], str | None]],
+              stop: threading.Event, on_progress: Callable[[Progress], None] | None
+              ) -> tuple[EndpointFailed | None, DataError | None, bool]:
+    """Run ``todo`` through ``work`` at most ``request.concurrency`` at a time, appending each decided
+    line as it finishes. Returns the endpoint failure that stopped it, the write that failed, and
+    whether Ctrl+C came; any of them sets ``stop``, so that what is in flight settles first."""
+    lost: EndpointFailed | None = None
+    unwritable: DataError | None = None
+    interrupted = False
+    with open(paths.output, "a", encoding="utf-8") as kept_file, \
+            open(paths.rejected, "a", encoding="utf-8") as rejected_file, \
+            ThreadPoolExecutor(max_workers=request.concurrency, thread_name_prefix="synth") as pool:
+        pending: set[Future] = set()
+        queue = iter(todo)
+        try:
+            while True:
+                # Submit only as many as run at once, so a stop leaves nothing queued.
+                while not stop.is_set() and len(pending) < request.concurrency:
+                    index = next(queue, None)
+                    if index is None:
+                        break
+                    pending.add(pool.submit(work, index))
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    try:
+                        talk = future.result()
+                    except Dropped:
+                        continue
+                    except EndpointFailed as exc:
+                        lost = lost or exc
+                        stop.set()
+                        continue
+                    line, reason = decide(talk)
+                    try:
+                        if reason is None:
+                            _append(kept_file, line)
+                            progress.kept += 1
+                        else:
+                            _append(rejected_file, {**line, "reason": reason})
+                            progress.rejected += 1
+                    except DataError as exc:  # a full disk: settle what is in flight, then say so
+                        unwritable = unwritable or exc
+                        stop.set()
+                        continue
+                    progress.done += 1
+                    progress.requests += len(talk.replies)
+                    progress.completion_tokens += sum(r.completion_tokens for r in talk.replies)
+                    progress.elapsed_s = time.monotonic() - started
+                    if on_progress is not None:
+                        on_progress(progress)
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+            wait(pending)  # each stops before its next request; what it had is dropped, not written
+    return lost, unwritable, interrupted
+
+
+def _raise_unless_complete(summary: dict[str, Any], request: SynthRequest, paths: SynthPaths,
+                           lost: EndpointFailed | None, unwritable: DataError | None, interrupted: bool) -> None:
+    """The reason a run stopped short, as the error the CLI reports; nothing when it did not."""
     if unwritable is not None:
         raise unwritable
     if interrupted:
@@ -392,7 +425,6 @@ def _run(request: SynthRequest, paths: SynthPaths, profile: SynthProfile, profil
         raise EndpointLost(f"the endpoint failed mid-run ({lost}); {summary['done']} of {request.dialogues} "
                            f"dialogues are on disk in {paths.output} and {paths.rejected.name}; run the same "
                            "command again to continue once the server answers")
-    return summary
 
 
 def _distribution(values: list[float]) -> dict[str, float | int | None]:
