@@ -42,7 +42,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-
 PROGRAM_DESCRIPTION = """\
 Fine-tune a causal language model into a Japanese Socratic chatbot with LoRA or QLoRA, and
 manage the run: validate data, train (resumable), chat, generate, evaluate, serve, export.
@@ -51,7 +50,6 @@ Start here (tiny built-in model, bundled data, offline, a few minutes on a CPU):
     socratune train
     socratune chat runs/tiny
 """
-
 
 
 def _common_parent() -> argparse.ArgumentParser:
@@ -64,7 +62,6 @@ def _common_parent() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                            help="also the libraries' own warnings and messages (silenced by default)")
     return parent
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     log = logging.getLogger("socratune")
     for previous in [h for h in log.handlers if h.get_name() == "socratune-cli"]:
@@ -102,7 +98,6 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     handler.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)  # train.log always gets everything
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else "(no message)"
-
 
 
 def _save_crash_report(args: argparse.Namespace) -> str:

@@ -46,7 +46,6 @@ def config_from_args(args: argparse.Namespace, continue_run: bool = False):
     return config
 
 
-
 def preference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``train --method / --pairs / --from``: dotted config keys (paths made absolute, so the run resumes anywhere)."""
     overrides: dict[str, Any] = {}
@@ -59,16 +58,13 @@ def preference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-
 def quote(text: str) -> str:
     return shlex.quote(text)
-
 
 
 def resume_command(run_dir: str) -> str:
     """``socratune train --output RUN``: the run's recorded config supplies everything else."""
     return f"socratune train --output {quote(run_dir)}"
-
 
 
 def gen_params(args: argparse.Namespace):
@@ -92,7 +88,6 @@ def gen_params(args: argparse.Namespace):
                      repetition_penalty=args.repetition_penalty)
 
 
-
 def profile_names() -> list[str]:
     """Shipped style profiles, read from the package folder (no scorer import for --help)."""
     from importlib import resources
@@ -101,12 +96,10 @@ def profile_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-
 def preset_names() -> list[str]:
     from ..core.config import available_presets
 
     return available_presets()
-
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +111,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                              "lora.target_modules=[q_proj,v_proj]); repeatable; over --config and --preset, "
                              "under the named flags such as --epochs")
     parser.add_argument("--model", help='"tiny", a local model directory, or a hub id (model.name_or_path)')
-
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
