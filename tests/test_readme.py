@@ -55,3 +55,21 @@ def test_the_update_command_is_documented_and_guards_the_file():
     assert "bash scripts/update_constraints.sh" in development
     # the suite runs before constraints.txt is rewritten, and a failure leaves it alone
     assert script.index("python -m pytest -q") < script.index("> constraints.txt")
+
+
+def test_the_python_example_imports_names_that_exist():
+    """The README's ``from socratune... import ...`` lines name modules and top-level names that the
+    package has (read with ast: no model stack is imported)."""
+    import ast
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
+    imports = [node for node in ast.parse(block).body if isinstance(node, ast.ImportFrom)]
+    assert len(imports) >= 4
+    for node in imports:
+        path = ROOT / "src" / Path(*node.module.split(".")).with_suffix(".py")
+        assert path.is_file(), f"README imports {node.module}, which is not a module"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        for alias in node.names:
+            assert alias.name in defined, f"README imports {alias.name} from {node.module}, which does not define it"
