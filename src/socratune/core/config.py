@@ -8,7 +8,7 @@ A config is built in four layers, each overriding the one before:
 4. the named flags (``--model``, ``--epochs``...), given as dotted keys (``{"model.name_or_path": "..."}``).
 
 Every section forbids unknown keys, so a typo is an error that names the key and the keys
-allowed there, never a silently ignored setting. Only ``train.py`` and ``cli.py`` see the whole
+allowed there, never a silently ignored setting. Only ``training/train.py`` and ``cli/`` see the whole
 config; components take plain arguments.
 """
 

@@ -372,7 +372,7 @@ def point_adapters_at_base(run: Any, base: str) -> list[Path]:
 class RunModel:
     """Where a run's model comes from: its recorded config, the base to load and the adapter to put on it."""
 
-    config: Any  # socratune.config.Config as recorded in the run's config.yaml
+    config: Any  # socratune.core.config.Config as recorded in the run's config.yaml
     source: str  # the base: the run's tiny directory, a local model directory or a hub id
     adapter_dir: Path
     tokenizer_source: Path  # the adapter's tokenizer where saved with it, else the base's

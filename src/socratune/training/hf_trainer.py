@@ -4,7 +4,7 @@ released after evaluation), an on-device metric, and the end-of-run summary and 
 
 Named for what it holds: ``train.py`` is the recipe that calls it.
 
-Plain ``Trainer`` rather than TRL's ``SFTTrainer``: ``template.py`` already owns tokenization and
+Plain ``Trainer`` rather than TRL's ``SFTTrainer``: ``data/template.py`` already owns tokenization and
 exact label masks, and SFTTrainer would re-prepare the dataset and adds nothing else we use.
 """
 
