@@ -64,6 +64,16 @@ def test_bad_value_names_the_key_and_allowed_values(tmp_path):
         load_config(overrides={"lora.r": 0})
 
 
+def test_early_stopping_needs_a_metric_to_watch():
+    assert load_config(overrides={"train.select": "best_eval_loss",
+                                  "train.early_stopping_patience": 3}).train.early_stopping_patience == 3
+    assert load_config(overrides={"train.select": "last", "train.early_stopping_patience": None}).train.select == "last"
+    with pytest.raises(ConfigError, match="train.early_stopping_patience.*train.select is 'last'"):
+        load_config(overrides={"train.select": "last", "train.early_stopping_patience": 2})
+    with pytest.raises(ConfigError, match="train.early_stopping_patience"):
+        load_config(overrides={"train.early_stopping_patience": 0})
+
+
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'.*gemma2-2b-jpn-qlora.*tiny"):
         load_config(preset="gpt5")

@@ -1,5 +1,6 @@
 """Trainer callbacks: style of generated replies, the training monitor, checkpoint manifests and
-rotation, checkpoints at the best step (``train.select``), and stopping cleanly on a signal.
+rotation, checkpoints at the best step (``train.select``), early stopping, and stopping cleanly on
+a signal.
 
 They extend the transformers ``Trainer`` through its callback API only. Evaluation metrics are
 logged by the Trainer *before* ``on_evaluate`` runs, so the style callback adds its
@@ -27,7 +28,7 @@ from .generate import GenParams, generate_replies
 from .memory import release_memory, resource_usage
 from .rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
 from .scores import SCORE_KEYS, style_metric
-from .selection import best_evaluation, is_new_best
+from .selection import EarlyStop, best_evaluation, early_stop, is_new_best
 from .style import StyleScorer, summarize
 
 logger = logging.getLogger("socratune")
@@ -138,6 +139,34 @@ class BestCheckpointCallback(TrainerCallback):
         new_best = state.is_world_process_zero and is_new_best(state.log_history, self.select, state.global_step)
         if self.ranks.any_flag(new_best):
             control.should_save = True
+
+
+class EarlyStopCallback(TrainerCallback):
+    """End training at the evaluation that makes ``patience`` in a row without a new best by
+    ``select`` (``selection.early_stop``). Placed after the style callback, whose numbers it may
+    watch; only the main process has them, so the decision is shared.
+
+    The stopping step gets no checkpoint of its own: the step the run keeps is the best one, which
+    has a checkpoint already (``BestCheckpointCallback``). So a run killed after stopping but before
+    its summary is written resumes from an earlier checkpoint, and its log history makes it stop
+    at the same step again; a checkpoint at the stopping step would resume into steps the
+    uninterrupted run never trained.
+    """
+
+    def __init__(self, select: str, patience: int, ranks: Ranks = SINGLE_PROCESS):
+        self.select = select
+        self.patience = patience
+        self.ranks = ranks
+        self.stopped: EarlyStop | None = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.global_step == 0 or state.global_step >= state.max_steps:
+            return
+        decision = early_stop(state.log_history, self.select, self.patience) if state.is_world_process_zero else None
+        if self.ranks.any_flag(decision is not None and decision.step == state.global_step):
+            self.stopped = decision
+            control.should_training_stop = True
+            control.should_save = False
 
 
 class StopOnSignal(TrainerCallback):

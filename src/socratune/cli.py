@@ -69,7 +69,7 @@ def _quote(text: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .selection import describe_selection
+    from .selection import describe_end, describe_selection
     from .train import train
 
     if args.delete_old and not args.overwrite:
@@ -91,13 +91,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(note)
     if result.already_finished:
+        early = ", stopped early" if result.summary.get("stopped_early") else ""
         print(f"{run} is already finished ({result.summary.get('global_step')} of "
-              f"{result.summary.get('total_steps')} steps); nothing to do.")
+              f"{result.summary.get('total_steps')} steps{early}); nothing to do.")
     else:
         s = result.summary
         print(f"eval loss {s['eval_loss_initial']} -> {s['eval_loss_final']}; "
               f"style score {s['style_score_initial']} -> {s['style_score_final']} (0-4)")
-        for line in describe_selection(s):
+        for line in filter(None, [describe_end(s), *describe_selection(s)]):
             print(line)
         if s.get("method") in ("dpo", "orpo"):
             print(f"{s['method']}: eval reward margin {s.get('reward_margin_final')}, "
@@ -343,7 +344,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, ensure_ascii=False, indent=2))
         return 0
-    print(f"{status['run_dir']}: {status['state']}, step {status['step']} of {status['total_steps'] or '?'}")
+    early = f" (stopped early at step {status['stopped_early']['step']})" if status["stopped_early"] else ""
+    print(f"{status['run_dir']}: {status['state']}, step {status['step']} of {status['total_steps'] or '?'}{early}")
     print(f"last valid checkpoint: {status['last_valid_checkpoint'] or 'none'}")
     for bad in status["invalid_checkpoints"]:
         print(f"invalid checkpoint {bad['path']}: {bad['reason']}")

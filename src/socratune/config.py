@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError, os_error_message, quote_capped
 
@@ -113,11 +113,25 @@ class TrainSection(Section):
         "best_eval_loss", description="which step's weights become the final adapter: the lowest eval loss "
         "(default: the least noisy signal), the highest style score (noisy: few generated replies), or the last step",
     )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop when this many evaluations in a row have not improved on the best by "
+        "train.select (eval loss or style score); unset: train every step. Preference runs keep their last step "
+        "and never stop early (docs/selection.md)",
+    )
     seed: int = Field(42, description="seed of adapter initialisation, batch order and dropout")
     method: Literal["sft", "dpo", "orpo"] = Field(
         "sft", description="sft: supervised on dialogues; dpo / orpo: preference tuning on the pairs in prefs.pairs, "
         "continuing from the supervised run prefs.from_run (see docs/prefs.md)",
     )
+
+
+    @field_validator("early_stopping_patience")
+    @classmethod
+    def _patience_needs_a_metric(cls, patience: int | None, info: ValidationInfo) -> int | None:
+        if patience is not None and info.data.get("select") == "last":
+            raise ValueError("early stopping watches the train.select metric, and train.select is 'last': set "
+                             "train.select to best_eval_loss or best_style, or train.early_stopping_patience to null")
+        return patience
 
 
 class StyleSection(Section):
