@@ -323,6 +323,9 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"AutoModelForCausalLM.from_pretrained({str(result.merged_dir)!r})")
     if result.gguf_path:
         print(f"GGUF ({result.gguf_type}) written to {result.gguf_path}")
+    if result.modelfile:
+        print(f"Ollama Modelfile written to {result.modelfile}; use it with: "
+              f"ollama create {_quote(Path(args.run_dir).resolve().name)} -f {_quote(str(result.modelfile))}")
     return 0
 
 
