@@ -31,6 +31,35 @@ def write_lines(path: Path, items: list) -> Path:
     return path
 
 
+# --- the collapse guard ---------------------------------------------------------------------------
+
+
+def test_the_collapse_guard_warns_when_one_reply_answers_the_monitored_prompts(monkeypatch, caplog):
+    """A model that gives every monitored prompt the same reply (what DPO found in issue 27) is
+    named in a warning at each trained evaluation; varied replies, and the base at step 0, are not."""
+    from types import SimpleNamespace
+
+    from socratune import callbacks
+    from socratune.style import StyleScorer, load_profile
+
+    prompts = [[{"role": "user", "content": f"問い{i}ですか？"}] for i in range(8)]
+    monitor = callbacks.StyleCallback(prompts, StyleScorer(load_profile("socrates")), max_new_tokens=8)
+    answers = {"alike": ["君はどう思うのかね？"] * 6 + ["では、正義とは何かね？", "なぜかね？"],
+               "varied": [f"{i}とは何かね？" for i in range(8)]}
+    for kind, step, warned in (("alike", 20, True), ("alike", 0, False), ("varied", 20, False)):
+        monkeypatch.setattr(callbacks, "generate_replies", lambda *a, _r=answers[kind], **k: _r)
+        caplog.clear()
+        state = SimpleNamespace(is_world_process_zero=True, global_step=step, log_history=[])
+        monitor.on_evaluate(None, state, None, metrics={}, model=None, processing_class=None)
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(lines) is warned, (kind, step, lines)
+    caplog.clear()
+    monkeypatch.setattr(callbacks, "generate_replies", lambda *a, **k: answers["alike"])
+    monitor.on_evaluate(None, SimpleNamespace(is_world_process_zero=True, global_step=40, log_history=[]), None,
+                        metrics={}, model=None, processing_class=None)
+    assert "step 40: one reply answers 6 of the 8 monitored prompts (75%): 「君はどう思うのかね？」" in caplog.text
+
+
 # --- the pairs file -------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from .distributed import SINGLE_PROCESS, Ranks
 from .generate import GenParams, generate_replies
 from .memory import release_memory, resource_usage
 from .rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
-from .scores import SCORE_KEYS, style_metric
+from .scores import SCORE_KEYS, reply_variety, style_metric
 from .selection import EarlyStop, best_evaluation, early_stop, is_new_best
 from .style import StyleScorer, summarize
 
@@ -75,12 +75,25 @@ class StyleCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.last_replies = replies
+        warn_if_one_reply_answers_all(replies, state.global_step)
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
         style = {style_metric(key): round(means[key], 4) for key in SCORE_KEYS}
         style[STYLE_RUNTIME] = round(time.perf_counter() - started, 3)
         metrics.update(style)
         if state.log_history and "eval_loss" in state.log_history[-1]:
             state.log_history[-1].update(style)
+
+
+def warn_if_one_reply_answers_all(replies: list[str], step: int) -> None:
+    """The collapse guard: warn when one reply answers more than ``REPEATED_REPLY_SHARE`` of the
+    monitor's prompts at a trained step (the untuned base at step 0 may well repeat itself), the
+    sign of a model that found one reply the scorer likes instead of answering each prompt."""
+    found = reply_variety(replies)
+    if step > 0 and found.repeats_itself():
+        logger.warning("step %d: one reply answers %d of the %d monitored prompts (%.0f%%): 「%s」; the model is "
+                       "collapsing onto a reply that fits any prompt (a preference run: fewer epochs, a lower "
+                       "learning rate or a larger prefs.beta)", step, found.most_common_count, found.replies,
+                       100 * found.most_common_share, found.most_common[:60])
 
 
 class CheckpointCallback(TrainerCallback):

@@ -26,6 +26,22 @@ from .errors import ConfigError, os_error_message, quote_capped
 
 DEFAULT_PRESET = "tiny"
 
+# What a preference run (train.method dpo / orpo) starts from, laid over the supervised settings
+# it continues (model, LoRA, data): a short, gentle continuation, not a second supervised
+# schedule (the tiny preset's 20 epochs at 2e-3 over-optimised DPO: held-out pair loss 3.6 -> 8.8).
+# The DPO recipe is the one that won issue 16's proof (benchmarks/RESULTS.md, "Preference tuning");
+# a user's YAML, --set and flags override any of it.
+PREFERENCE_SCHEDULE: dict[str, Any] = {
+    "train": {"epochs": 2, "learning_rate": 5.0e-4, "warmup_ratio": 0.1, "batch_size": 8,
+              "eval_steps": 15, "save_steps": 30, "logging_steps": 5},
+    "prefs": {"eval_frac": 0.1},
+}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # β 0.3, not 0.1: at 0.1 the supervised eval loss drifted +15% in the proof
+    "dpo": {**PREFERENCE_SCHEDULE, "prefs": {**PREFERENCE_SCHEDULE["prefs"], "beta": 0.3}},
+    "orpo": PREFERENCE_SCHEDULE,  # no reference to drift from; its β weighs the odds-ratio term
+}
+
 
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
@@ -359,6 +375,10 @@ def load_config(
     continues with the values the run started with. ``assignments`` are ``KEY=VALUE`` strings
     (``--set``); ``overrides`` (the named flags such as ``--epochs``) win over them. Raises
     ConfigError naming the file or ``--set``, the bad key and the allowed values.
+
+    A preference method asked for on top of supervised settings (a preset, or the supervised run
+    that ``prefs.from_run`` continues) brings its own defaults (``METHOD_DEFAULTS``) between
+    those settings and the user's layers; a preference run's own recorded config already has them.
     """
     file_data: dict[str, Any] = {}
     source = "flags"
@@ -373,9 +393,13 @@ def load_config(
     else:
         preset_name = named_preset or DEFAULT_PRESET
         base = _preset_dict(str(preset_name))
-    merged = _merge(base, file_data)
-    merged = _merge(merged, _dotted_to_nested(assigned))
-    merged = _merge(merged, _dotted_to_nested(overrides or {}))
+    users = _merge(_merge(file_data, _dotted_to_nested(assigned)), _dotted_to_nested(overrides or {}))
+    base_method = (base.get("train") or {}).get("method", "sft")
+    asked = users.get("train")
+    method = asked.get("method", base_method) if isinstance(asked, dict) else base_method
+    if base_method == "sft" and method in METHOD_DEFAULTS:
+        base = _merge(base, METHOD_DEFAULTS[method])
+    merged = _merge(base, users)
     merged["preset"] = preset_name
     try:
         return Config.model_validate(merged)
