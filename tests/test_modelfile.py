@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from socratune.errors import ConfigError
-from socratune.generate import GenParams, prompt_texts
-from socratune.modelfile import go_template, modelfile_text, stop_strings, turn_wrappers
+from socratune.generate import prompt_texts
+from socratune.modelfile import go_template, modelfile_text, ollama_parameters, stop_strings, turn_wrappers
 
 DRIVER = Path(__file__).with_name("gotemplate_driver.go")
 CONVERSATIONS = [
@@ -72,12 +72,13 @@ def test_the_modelfile_names_the_gguf_stops_and_serves_defaults(tiny_tokenizer):
     end_of_turn = tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")
     stops = stop_strings(tiny_tokenizer, SimpleNamespace(eos_token_id=[end_of_turn, tiny_tokenizer.eos_token_id]))
     assert stops == ["<end_of_turn>", "<eos>"]
-    text = modelfile_text(Path("exports/tiny.gguf"), turn_wrappers(tiny_tokenizer), stops, GenParams(), adds_bos=False)
+    defaults = ollama_parameters(max_new_tokens=128, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+    text = modelfile_text(Path("exports/tiny.gguf"), turn_wrappers(tiny_tokenizer), stops, defaults, adds_bos=False)
     lines = text.splitlines()
     assert "FROM ./tiny.gguf" in lines
     assert 'PARAMETER stop "<end_of_turn>"' in lines and 'PARAMETER stop "<eos>"' in lines
     assert {"PARAMETER temperature 0", "PARAMETER top_p 1", "PARAMETER num_predict 128"} <= set(lines)
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert template == go_template(turn_wrappers(tiny_tokenizer)) and template.startswith("<bos>")
-    dropped = modelfile_text(Path("t.gguf"), turn_wrappers(tiny_tokenizer), stops, GenParams(), adds_bos=True)
+    dropped = modelfile_text(Path("t.gguf"), turn_wrappers(tiny_tokenizer), stops, defaults, adds_bos=True)
     assert 'TEMPLATE """<bos>' not in dropped  # llama.cpp adds BOS itself: not twice

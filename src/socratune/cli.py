@@ -311,11 +311,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
+    from .generate import GenParams
+    from .modelfile import ollama_parameters
 
     if not args.merged and not args.gguf:
         raise ConfigError("nothing to export: give --merged OUT_DIR and/or --gguf OUT.gguf")
+    serve_defaults = GenParams()  # what `socratune serve` answers with, so Ollama answers alike
     result = export(args.run_dir, merged_dir=args.merged, gguf_path=args.gguf, checkpoint=args.checkpoint,
-                    force=args.force)
+                    force=args.force, ollama_parameters=ollama_parameters(
+                        serve_defaults.max_new_tokens, serve_defaults.temperature, serve_defaults.top_p,
+                        serve_defaults.repetition_penalty))
     for note in result.notes:
         print(note)
     if result.merged_dir:

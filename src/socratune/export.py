@@ -280,8 +280,10 @@ def _add_tokenizer(writer: Any, model: Any, tokenizer: Any) -> None:
 
 
 def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path: str | Path | None = None,
-           checkpoint: str | None = None, force: bool = False) -> ExportResult:
-    """Merge a run's adapter into its base and write what is asked: a transformers directory, a GGUF file, or both."""
+           checkpoint: str | None = None, force: bool = False,
+           ollama_parameters: dict[str, float | int] | None = None) -> ExportResult:
+    """Merge a run's adapter into its base and write what is asked: a transformers directory, a GGUF file, or both;
+    beside a GGUF, an Ollama Modelfile with ``ollama_parameters`` (``modelfile.ollama_parameters``) as its defaults."""
     merged_target = Path(merged_dir) if merged_dir else None
     gguf_target = Path(gguf_path) if gguf_path else None
     if merged_target is None and gguf_target is None:
@@ -326,7 +328,7 @@ def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path
     modelfile = None
     if gguf_target:
         try:
-            modelfile = write_modelfile(gguf_target, tokenizer, model.generation_config)
+            modelfile = write_modelfile(gguf_target, tokenizer, model.generation_config, ollama_parameters or {})
         except ConfigError as exc:  # the GGUF is good without one; say why there is none
             notes.append(str(exc))
     return ExportResult(merged_target, gguf_target, str(model.dtype).removeprefix("torch."), gguf_type, modelfile,
@@ -338,15 +340,15 @@ def modelfile_path(gguf_path: Path) -> Path:
     return gguf_path.with_suffix(".Modelfile")
 
 
-def write_modelfile(gguf_path: Path, tokenizer: Any, generation_config: Any) -> Path:
-    """The Ollama Modelfile beside the GGUF (modelfile.py): the run's template, stops, and
-    ``socratune serve``'s defaults. Raises ConfigError when the template has no fixed shape."""
-    from .generate import GenParams
+def write_modelfile(gguf_path: Path, tokenizer: Any, generation_config: Any,
+                    parameters: dict[str, float | int]) -> Path:
+    """The Ollama Modelfile beside the GGUF (modelfile.py): the run's template, stops and the
+    sampling ``parameters``. Raises ConfigError when the template has no fixed shape."""
     from .modelfile import modelfile_text, stop_strings, turn_wrappers
 
     probe = tokenizer("a")["input_ids"]  # as _add_tokenizer records it: does the tokenizer add BOS itself
     text = modelfile_text(gguf_path, turn_wrappers(tokenizer), stop_strings(tokenizer, generation_config),
-                          GenParams(), adds_bos=bool(probe) and probe[0] == tokenizer.bos_token_id)
+                          parameters, adds_bos=bool(probe) and probe[0] == tokenizer.bos_token_id)
     path = modelfile_path(gguf_path)
     write_text_atomic(path, text)
     return path

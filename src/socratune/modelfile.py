@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .generate import GenParams
 from .template import SYSTEM_FOLD_SEPARATOR, render, supports_system_role
 
 # Markers that no chat template writes itself: each probe turn's content.
@@ -131,9 +130,17 @@ def stop_strings(tokenizer: Any, generation_config: Any) -> list[str]:
     return list(dict.fromkeys(tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None))
 
 
-def modelfile_text(gguf_path: Path, wrappers: TurnWrappers, stops: list[str], params: GenParams,
+def ollama_parameters(max_new_tokens: int, temperature: float, top_p: float,
+                      repetition_penalty: float) -> dict[str, float | int]:
+    """Sampling settings under Ollama's PARAMETER names."""
+    return {"temperature": temperature, "top_p": top_p, "repeat_penalty": repetition_penalty,
+            "num_predict": max_new_tokens}
+
+
+def modelfile_text(gguf_path: Path, wrappers: TurnWrappers, stops: list[str], parameters: dict[str, float | int],
                    adds_bos: bool) -> str:
-    """The Modelfile: FROM the GGUF beside it, the TEMPLATE, stops and sampling parameters.
+    """The Modelfile: FROM the GGUF beside it, the TEMPLATE, stops and sampling ``parameters``
+    (``ollama_parameters``).
 
     ``adds_bos``: llama.cpp puts BOS in front itself (the GGUF says the tokenizer adds it), so a
     template head that is only the BOS token is dropped rather than doubled."""
@@ -148,9 +155,6 @@ def modelfile_text(gguf_path: Path, wrappers: TurnWrappers, stops: list[str], pa
         f"FROM ./{gguf_path.name}",
         f'TEMPLATE """{template}"""',
         *(f'PARAMETER stop "{stop}"' for stop in stops),
-        f"PARAMETER temperature {params.temperature:g}",
-        f"PARAMETER top_p {params.top_p:g}",
-        f"PARAMETER repeat_penalty {params.repetition_penalty:g}",
-        f"PARAMETER num_predict {params.max_new_tokens}",
+        *(f"PARAMETER {name} {value:g}" for name, value in parameters.items()),
     ]
     return "\n".join(lines) + "\n"
