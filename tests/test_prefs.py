@@ -559,7 +559,7 @@ def test_pair_making_settings_do_not_guard_a_preference_run():
     recorded = load_config(overrides={"train.method": "dpo"}).to_dict()
     current = load_config(overrides={"train.method": "dpo", "prefs.samples": 9, "prefs.beta": 0.5}).to_dict()
     guarded, harmless = config_changes(recorded, current)
-    assert guarded == ["prefs.beta: 0.1 -> 0.5"] and harmless == ["prefs.samples: 6 -> 9"]
+    assert guarded == ["prefs.beta: 0.3 -> 0.5"] and harmless == ["prefs.samples: 6 -> 9"]  # 0.3: the DPO default
 
 
 def test_pairs_without_a_preference_method_are_refused(tmp_path, capsys):
