@@ -201,7 +201,7 @@ def test_import_loads_neither_torch_nor_the_dictionary():
     code = (
         "import sys, socratune.style as s; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
-        "from socratune.style import scorer; assert scorer._dictionary.cache_info().currsize == 0"
+        "from socratune.style import morphology; assert morphology._dictionary.cache_info().currsize == 0"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": src})
