@@ -105,12 +105,13 @@ def _closes_at_end(body: str, opener: str, closer: str) -> bool:
     return False
 
 
-def unwrap(text: str) -> tuple[str, bool]:
-    """The reply without a quote or brace wrapping the whole of it, and whether there was one.
+def unwrap_kinds(text: str) -> tuple[str, set[str]]:
+    """The reply without the quotes or braces wrapping the whole of it, and which of them there
+    were: ``quotes`` (「…」, 『…』) and ``braces`` ({{…}}, a template's).
 
     An opener at the start that is never closed (「なるほど。…) is dropped too; quotes inside
     the reply (その「誠実」とは) stay."""
-    body, wrapped = text.strip(), False
+    body, kinds = text.strip(), set()
     changed = True
     while changed:
         changed = False
@@ -119,43 +120,78 @@ def unwrap(text: str) -> tuple[str, bool]:
                                             or closer not in body):
                 body = body[len(opener):].strip()
                 body = body[:-len(closer)].strip() if body.endswith(closer) else body
-                wrapped = changed = True
-    return body, wrapped
+                kinds.add("braces" if opener == "{{" else "quotes")
+                changed = True
+    return body, kinds
 
 
-def format_features(scorer: StyleScorer, text: str, notes: list[str]) -> tuple[dict[str, float], str]:
-    """Format features and the text to analyse: unwrapped, without special tokens and markup."""
-    found: dict[str, list[str]] = {}
-    body, wrapped = unwrap(text)
-    if wrapped:
-        notes.append("the whole reply is wrapped in quotes or braces (read as the reply's own speech)")
-    found["special_token"] = scorer._special.findall(body)
+def unwrap(text: str) -> tuple[str, bool]:
+    """The reply without a quote or brace wrapping the whole of it, and whether there was one."""
+    body, kinds = unwrap_kinds(text)
+    return body, bool(kinds)
+
+
+# Latin letters with a Japanese letter right before and after, no space (考えmasu, 概nen念): a
+# word broken by a tokenizer slip. A lowercase letter is required, so AさんとBさん is not one.
+_JA_CLASS = "\u3040-\u309F\u30A0-\u30FF\u3400-\u4DBF\u4E00-\u9FFF々"
+_LATIN_IN_WORD = re.compile(f"(?<=[{_JA_CLASS}])[A-Za-z]*[a-z][A-Za-z]*(?=[{_JA_CLASS}])")
+# An English word inside a Japanese sentence (確かに難しい indeed。): Japanese or 、 on one side at
+# most a space away, so an interjection standing as its own sentence (Hmm。, Hmm... 君は) is not.
+_ENGLISH_IN_SENTENCE = re.compile(
+    f"(?<=[{_JA_CLASS}、])[ \\t\u3000]*[A-Za-z]{{2,}}(?:[ \\t]+[A-Za-z]+)*"
+    f"|[A-Za-z]{{2,}}(?:[ \\t]+[A-Za-z]+)*(?=[ \\t\u3000]*[{_JA_CLASS}、])")
+_BRACES = re.compile("[{}｛｝]+")
+
+
+def _breakers(scorer: StyleScorer, body: str) -> tuple[dict[str, list[str]], str]:
+    """Special tokens, markup, U+FFFD, emoji and other languages found in ``body``, and the
+    text that is left once they are taken out (for the symbol and spacing checks)."""
+    found: dict[str, list[str]] = {"special_token": scorer._special.findall(body)}
     body = scorer._special.sub("", body)
     found["markup"] = _HTML.findall(body) + [m.strip() for m in _MARKDOWN.findall(body)]
     body = _MARKDOWN.sub("", _HTML.sub("", body))
     # A literal backslash-n (an escaping slip in data or generation) is one broken line
     # break, not English plus a stray symbol; the analysis reads it as the break it meant.
-    literal_breaks = body.count("\\n")
+    found["literal_break"] = ["\\n"] * body.count("\\n")
     clean = body.replace("\\n", "\n").strip()
     found["replacement_char"] = [_REPLACEMENT] * clean.count(_REPLACEMENT)
     found["emoji"] = _EMOJI.findall(clean)
     rest = _EMOJI.sub("", clean).replace(_REPLACEMENT, "")
+    found["latin_in_word"] = _LATIN_IN_WORD.findall(rest)
+    found["english_in_sentence"] = [m.strip() for m in _ENGLISH_IN_SENTENCE.findall(rest)]
     english = _ENGLISH.findall(rest)
     rest = _ENGLISH_RUN.sub("", rest)
     foreign = _FOREIGN.findall(rest) + [c for c in _HAN.findall(rest) if not _japanese_han(c)]
     found["other_language"] = english + foreign
     rest = "".join(c for c in _FOREIGN.sub("", rest) if not (_HAN.match(c) and not _japanese_han(c)))
-    punct_runs = [m.group(0) for m in _PUNCT_RUN.finditer(rest)]
-    rest = _PUNCT_RUN.sub("", rest)
-    allowed = scorer.profile.format.allowed_symbols
-    found["stray_symbol"] = punct_runs + [c for c in rest
-                                          if not (c.isspace() or c.isdigit() or _JAPANESE.match(c) or c in allowed)]
-    found["odd_space"] = _SPACES.findall(rest.strip())
-    runs = [m.group(0) for m in _CHAR_RUN.finditer(clean)]
-    mid_sentence = [c for i, c in enumerate(clean) if c == "\n" and clean[i - 1] not in _LINE_END_OK]
-    found["odd_line_break"] = ["\\n"] * literal_breaks + re.findall(r"\r|\n{3,}", clean) + mid_sentence
+    found["braces"] = _BRACES.findall(rest)
+    rest = _BRACES.sub("", rest)
+    found["clean"] = [clean]
+    return found, rest
+
+
+def _split_endings(clean: str) -> list[str]:
+    """Lines after a line break that hold only a sentence ending (…でしょう？⏎かね？): an ending
+    split off its sentence."""
+    from .morphology import tokenizer
+
+    out = []
+    for line in clean.split("\n")[1:]:
+        line = line.strip()
+        if not line or len(line) > 8:
+            continue
+        morphs = [m for m in tokenizer().tokenize(line) if m.part_of_speech()[0] not in ("補助記号", "空白")]
+        if morphs and all(m.part_of_speech()[0] in ("助詞", "助動詞") for m in morphs):
+            out.append(line)
+    return out
+
+
+def _notes(found: dict[str, list[str]], runs: list[str], notes: list[str]) -> None:
     labels = {"special_token": "special token", "markup": "markup", "emoji": "emoji",
-              "other_language": "not Japanese:", "stray_symbol": "stray symbol"}
+              "other_language": "not Japanese:", "stray_symbol": "stray symbol",
+              "latin_in_word": "Latin letters breaking a Japanese word:",
+              "english_in_sentence": "an English word inside a Japanese sentence:",
+              "split_ending": "a sentence ending on a line of its own:", "braces": "braces"}
     for kind, label in labels.items():
         notes.extend(f"{label} {f!r}" for f in dict.fromkeys(found[kind]))
     notes.extend(f"character run {r!r}" for r in dict.fromkeys(runs))
@@ -164,8 +200,38 @@ def format_features(scorer: StyleScorer, text: str, notes: list[str]) -> tuple[d
     if found["odd_space"]:
         notes.append(f"{len(found['odd_space'])} run(s) of spaces inside the text")
     if found["odd_line_break"]:
-        notes.append(f"{len(found['odd_line_break'])} odd line break(s)"
-                     " (mid-sentence, blank runs or a literal \\n)")
+        notes.append(f"{len(found['odd_line_break'])} odd line break(s) (mid-sentence, blank runs or a literal \\n)")
+
+
+def _analysed(clean: str) -> str:
+    """The text the Japanese analysis reads: emoji, U+FFFD and other languages are format's
+    concern; left in, they would read as unknown words (word salad) to the analyser."""
+    analysed = _EMOJI.sub("", clean).replace(_REPLACEMENT, "")
+    analysed = _FOREIGN.sub("", _ENGLISH_RUN.sub(" ", analysed))
+    analysed = "".join(c for c in analysed if not (_HAN.match(c) and not _japanese_han(c)))
+    return _SPACES.sub(" ", analysed).strip()
+
+
+def format_features(scorer: StyleScorer, text: str, notes: list[str]) -> tuple[dict[str, float], str]:
+    """Format features and the text to analyse: unwrapped, without special tokens and markup."""
+    body, kinds = unwrap_kinds(text)
+    if "quotes" in kinds:
+        notes.append("the whole reply is wrapped in quotes 「…」 (read as the reply's own speech)")
+    if "braces" in kinds:
+        notes.append("the whole reply is wrapped in template braces {{…}}")
+    found, rest = _breakers(scorer, body)
+    clean = found.pop("clean")[0]
+    punct_runs = [m.group(0) for m in _PUNCT_RUN.finditer(rest)]
+    rest = _PUNCT_RUN.sub("", rest)
+    allowed = scorer.profile.format.allowed_symbols
+    found["stray_symbol"] = punct_runs + [c for c in rest
+                                          if not (c.isspace() or c.isdigit() or _JAPANESE.match(c) or c in allowed)]
+    found["odd_space"] = _SPACES.findall(rest.strip())
+    runs = [m.group(0) for m in _CHAR_RUN.finditer(clean)]
+    mid_sentence = [c for i, c in enumerate(clean) if c == "\n" and clean[i - 1] not in _LINE_END_OK]
+    found["odd_line_break"] = found["literal_break"] + re.findall(r"\r|\n{3,}", clean) + mid_sentence
+    found["split_ending"] = _split_endings(clean) if "\n" in clean else []
+    _notes(found, runs, notes)
     japanese = sum(not (_HAN.match(c) and not _japanese_han(c)) for c in _JAPANESE.findall(clean))
     other = sum(map(len, found["other_language"]))
     ja_share = japanese / (japanese + other) if japanese else 0.0
@@ -179,22 +245,17 @@ def format_features(scorer: StyleScorer, text: str, notes: list[str]) -> tuple[d
     readable = max(0.0, 1 - junk / visible) if visible else 0.0
     if readable < 1:
         notes.append(f"{1 - readable:.0%} of the characters are stray symbols, U+FFFD or repeated runs")
-    features = {
-        "special_token": capped(len(found["special_token"]), 2),
-        "markup": capped(len(found["markup"]), 2),
-        "emoji": capped(len(found["emoji"]), 3),
-        "other_language": capped(len(found["other_language"]), 4),
-        "replacement_char": capped(len(found["replacement_char"]), 1),
-        "stray_symbol": capped(len(found["stray_symbol"]) + len(runs), 4),
-        "odd_space": capped(len(found["odd_space"]), 2),
-        "odd_line_break": capped(len(found["odd_line_break"]), 2),
-        "wrapped": float(wrapped),
-        "not_japanese": 1 - ja_share * readable,
-    }
-    # Emoji, U+FFFD and other languages are format's concern; left in, they would read as
-    # unknown words (word salad) to the Japanese analyser.
-    analysed = _EMOJI.sub("", clean).replace(_REPLACEMENT, "")
-    analysed = _FOREIGN.sub("", _ENGLISH_RUN.sub(" ", analysed))
-    analysed = "".join(c for c in analysed if not (_HAN.match(c) and not _japanese_han(c)))
-    analysed = _SPACES.sub(" ", analysed).strip()
-    return features, analysed
+    counts = {k: len(v) for k, v in found.items()}
+    features = {name: capped(counts[name], full_at) for name, full_at in _FULL_AT.items()}
+    features["stray_symbol"] = capped(counts["stray_symbol"] + len(runs), 4)
+    features["braces"] = capped(counts["braces"] + ("braces" in kinds), 1)
+    features["wrapped"] = float("quotes" in kinds)
+    features["not_japanese"] = 1 - ja_share * readable
+    return features, _analysed(clean)
+
+
+# Count at which each format feature is full. One special token, one piece of markup, one Latin
+# run inside a word, one English word inside a sentence or one split-off ending is a format
+# breaker on its own: the external judge rates each 0-2 (issue 29, class 3).
+_FULL_AT = {"special_token": 1, "markup": 1, "emoji": 3, "other_language": 4, "replacement_char": 1,
+            "odd_space": 2, "odd_line_break": 2, "latin_in_word": 1, "english_in_sentence": 1, "split_ending": 1}

@@ -12,9 +12,6 @@ from .morphology import SKIP, Sentence, capped, content_words, split_sentences
 if TYPE_CHECKING:
     from .scorer import StyleScorer
 
-DEGENERATE = ("unknown_words", "garbled", "broken_grammar", "repetition", "stutter", "no_predicate", "echo")
-
-
 def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, prompt: str | None,
                    garbled: tuple[int, str], notes: list[str]) -> dict[str, float]:
     morphs = [m for s in sentences for m in s.morphs if m.pos[0] not in SKIP]
@@ -51,8 +48,9 @@ def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, p
     # Stutter: a word or two said again at once (君、君、君は / 嫌いな、嫌いな); particles and
     # auxiliaries alone do not count.
     surfaces = [m.surface for m in morphs]
-    stutters = sum(surfaces[i:i + n] == surfaces[i + n:i + 2 * n]
-                   and (n > 1 or morphs[i].pos[0] not in ("助詞", "助動詞"))
+    # A window that starts with a particle is a phrase boundary, not a stutter (では、君は君自身:
+    # は+君 twice).
+    stutters = sum(surfaces[i:i + n] == surfaces[i + n:i + 2 * n] and morphs[i].pos[0] not in ("助詞", "助動詞")
                    for n in (1, 2, 3) for i in range(len(surfaces) - 2 * n + 1))
     if stutters:
         notes.append(f"{stutters} word(s) repeated at once (stutter)")
@@ -89,8 +87,3 @@ def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, p
                          + (f" ({', '.join(shared[:5])})" if shared else ""))
             f["off_topic"] = 1 - min(len(shared), wanted) / wanted
     return f
-
-
-
-# Logic features that mean the text is not language at all or not a reply (an echo); the
-# points they cost logic, over the profile's degenerate_at, also lower tone and approach.

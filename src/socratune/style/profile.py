@@ -44,7 +44,9 @@ FEATURES: dict[str, dict[str, int]] = {
         "best_ending": +1,  # credit of the most Socratic sentence ending
         "address": +1,  # addresses the user as 君 / 友よ
         "asks": +1,  # share of sentences that ask: questioning is part of the voice
+        "in_character_question": +1,  # share of the asking sentences whose ending is held Socratic speech
         "polite": -1,  # share of the text in polite (です/ます) sentences
+        "acknowledgement": -1,  # a bare acknowledgement: no content word and no question (なるほど。)
         "not_japanese": -1,  # share of letters that are not Japanese, or junk
         "degenerate": -1,  # loops, stutter, unknown words, broken grammar
     },
@@ -72,7 +74,11 @@ FEATURES: dict[str, dict[str, int]] = {
         "stray_symbol": -1,  # symbols a Japanese reply does not use (full at four)
         "odd_space": -1,  # runs of spaces inside the text (full at two)
         "odd_line_break": -1,  # mid-sentence, blank runs or a literal \n (full at two)
-        "wrapped": -1,  # the whole reply wrapped in 「…」 or {{…}}
+        "wrapped": -1,  # the whole reply wrapped in 「…」 (quotes only since v3; braces are "braces")
+        "braces": -1,  # a {{…}} template wrapper or stray braces (full at one)
+        "latin_in_word": -1,  # Latin letters right inside a Japanese word (考えmasu; full at one)
+        "english_in_sentence": -1,  # an English word inside a Japanese sentence (難しい indeed。; full at one)
+        "split_ending": -1,  # a sentence ending on a line of its own after a line break (⏎かね？; full at one)
         "not_japanese": -1,  # share of letters that are not Japanese, or junk
     },
     "logic": {
@@ -89,6 +95,10 @@ FEATURES: dict[str, dict[str, int]] = {
         "echo": -1,  # says the user's message back
     },
 }
+
+# Points towards logic.degenerate_at per sign of non-language (the v2 shipped logic weights).
+DEGENERATE_COSTS = {"unknown_words": 3.0, "garbled": 3.0, "broken_grammar": 2.0, "repetition": 3.0, "stutter": 2.0,
+                    "no_predicate": 1.0, "echo": 3.0}
 
 # --- profile schema --------------------------------------------------------------------------
 
@@ -174,6 +184,20 @@ class LogicRules(_Strict):
     overlap_wanted: int = Field(ge=0)
     echo_from: float = Field(ge=0, lt=1)
     degenerate_at: float = Field(gt=0, description="logic points lost at which text is fully degenerate")
+    # What each sign of non-language costs towards degenerate_at. Fixed here, apart from the logic
+    # weights in `combine`, so that degenerate is a measurement: refitting logic (calibrate) does not
+    # change what tone and approach read. Left out, the v2 shipped logic weights are used.
+    degenerate_costs: dict[str, Points] = Field(
+        default_factory=lambda: dict(DEGENERATE_COSTS),
+        description="logic features and the points each costs towards degenerate_at")
+
+    @field_validator("degenerate_costs")
+    @classmethod
+    def _logic_features_only(cls, costs: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(costs) - set(FEATURES["logic"]))
+        if unknown:
+            raise ValueError(f"unknown logic feature(s) {', '.join(unknown)}; allowed: {', '.join(FEATURES['logic'])}")
+        return costs
 
 
 class AxisModel(_Strict):

@@ -38,7 +38,7 @@ from ..rundir import write_text_atomic
 from ..scores import AXES, SCORE_KEYS
 from .approach import approach_features, asking
 from .format import GARBLED, format_features, stray_kanji, unwrap
-from .logic import DEGENERATE, logic_features
+from .logic import logic_features
 from .morphology import compile_markers, split_sentences, tokenizer
 from .profile import DEFAULT_PROFILE, StyleProfile, load_profile
 from .tone import tone_features
@@ -106,13 +106,13 @@ class StyleScorer:
         # Counted on the raw text: the analysis text has U+FFFD and non-Japanese Han removed.
         garbled = (len(GARBLED.findall(text)), stray_kanji(text))
         feats["logic"] = logic_features(self, sentences, clean, prompt, garbled, notes)
-        logic_model = self.profile.combine.logic.weights
-        lost = sum(-logic_model.get(k, 0.0) * feats["logic"][k] for k in DEGENERATE)
+        costs = self.profile.logic.degenerate_costs
+        lost = sum(cost * feats["logic"].get(k, 0.0) for k, cost in costs.items())
         degenerate = min(1.0, lost / self.profile.logic.degenerate_at)
         if degenerate:
             notes.append(f"degenerate text ({degenerate:.0%}): not Socrates speaking or asking, whatever its endings")
         asks, suggested = asking(self, sentences)
-        feats["tone"] = {**tone_features(self, sentences, asks, notes), "not_japanese": not_japanese,
+        feats["tone"] = {**tone_features(self, sentences, asks, degenerate, notes), "not_japanese": not_japanese,
                          "degenerate": degenerate}
         feats["approach"] = {**approach_features(self, sentences, asks, suggested, notes), "degenerate": degenerate}
         return feats, notes

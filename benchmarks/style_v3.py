@@ -1,0 +1,121 @@
+"""Style scorer v3: held-out judge agreement, what calibrate learns, and generality on real text.
+
+Run from the repository root (needs ``../shared/data``; says so and stops when it is missing)::
+
+    python benchmarks/style_v3.py [--data ../shared/data] [--seeds 4] [--output style_v3.json]
+
+Each figure is labelled with the data it stands on:
+
+1. **Judged dev half, held-out folds** (``judged_dev_ja.jsonl``, 72 replies rated by the
+   reference project's external LLM judge): folds grouped by dialogue, 5 folds, several fold
+   seeds. ``default``: the shipped profile scored on each held-out fold. ``calibrated``:
+   ``calibrate``'s fit on the other k-1 folds, applied to the held-out fold. Mean rho over
+   folds and seeds.
+2. **What calibrate learnt on the whole dev half**: the fitted weight of ``wrapped`` and
+   ``odd_space``, and the mean format/tone of wrapped vs unwrapped replies, default vs fitted.
+3. **Shared dialogues** (2,662 Socrates turns and their 2,662 student turns; text nobody on the
+   team wrote): mean scores of the Socrates turns, and the AUC of tone and approach separating
+   Socrates turns from student turns.
+4. **Speed**: replies/s scoring every Socrates turn with its user turn, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from socratune.style import AXES, StyleScorer, load_profile  # noqa: E402 (after the sys.path line)
+from socratune.style.calibrate import calibrate, read_judged  # noqa: E402
+
+
+def auc(positive: list[float], negative: list[float]) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    from scipy.stats import mannwhitneyu
+
+    u = mannwhitneyu(positive, negative).statistic
+    return round(float(u) / (len(positive) * len(negative)), 4)
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 3) if values else float("nan")
+
+
+def dev_half(path: Path, seeds: int) -> dict:
+    rows = read_judged(path)
+    profile = load_profile()
+    runs = [calibrate(rows, profile, seed=seed) for seed in range(seeds)]
+    out: dict = {"rows": len(rows)}
+    for key, attr in (("held_out_default", "uncalibrated_cv_spearman"), ("held_out_calibrated", "cv_spearman")):
+        out[key] = {a: round(sum(getattr(r, attr)[a] or 0.0 for r in runs) / len(runs), 3) for a in AXES}
+    fitted = runs[0].profile
+    out["kept_axes_seed0"] = runs[0].kept_axes
+    out["fitted_weights"] = {
+        "format.wrapped": (profile.combine.format.weights.get("wrapped"), fitted.combine.format.weights.get("wrapped")),
+        "format.odd_space": (profile.combine.format.weights.get("odd_space"),
+                             fitted.combine.format.weights.get("odd_space")),
+    }
+    for label, prof in (("default", profile), ("fitted_all_rows", fitted)):
+        scorer = StyleScorer(prof)
+        scored = [(scorer.score(r.text, r.prompt), r) for r in rows]
+        wrapped = [(s, r) for s, r in scored if s.features.get("format", {}).get("wrapped")]
+        plain = [(s, r) for s, r in scored if not s.features.get("format", {}).get("wrapped")]
+        out[f"wrapped_vs_not_{label}"] = {
+            axis: (_mean([getattr(s, axis) for s, _ in wrapped]), _mean([getattr(s, axis) for s, _ in plain]))
+            for axis in ("tone", "format")}
+    out["wrapped_vs_not_judge"] = {
+        axis: (_mean([r.judge[axis] for r in rows if r.text.strip().startswith(("「", "{{"))]),
+               _mean([r.judge[axis] for r in rows if not r.text.strip().startswith(("「", "{{"))]))
+        for axis in ("tone", "format")}
+    return out
+
+
+def shared_turns(path: Path) -> dict:
+    dialogues = json.loads(path.read_text(encoding="utf-8"))
+    pairs = [(d["messages"][i - 1]["content"], m["content"]) for d in dialogues
+             for i, m in enumerate(d["messages"]) if m["role"] == "model" and i]
+    students = [m["content"] for d in dialogues for m in d["messages"] if m["role"] == "user"]
+    scorer = StyleScorer(load_profile())
+    started = time.perf_counter()
+    socrates = [scorer.score(reply, prompt) for prompt, reply in pairs]
+    elapsed = time.perf_counter() - started
+    student = [scorer.score(text) for text in students]
+    return {
+        "speed": {"replies": len(pairs), "seconds": round(elapsed, 2), "replies_per_s": round(len(pairs) / elapsed)},
+        "socrates_mean": {a: _mean([getattr(s, a) for s in socrates]) for a in (*AXES, "overall")},
+        "student_mean": {a: _mean([getattr(s, a) for s in student]) for a in (*AXES, "overall")},
+        "auc_socrates_vs_student": {a: auc([getattr(s, a) for s in socrates], [getattr(s, a) for s in student])
+                                    for a in ("tone", "approach")},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
+    parser.add_argument("--seeds", type=int, default=4, help="fold seeds averaged on the dev half")
+    parser.add_argument("--output", help="write the figures here as JSON")
+    args = parser.parse_args()
+    out: dict = {}
+    judged = args.data / "judged_dev_ja.jsonl"
+    dialogues = args.data / "socratic_dialogues_ja.json"
+    if not judged.exists() and not dialogues.exists():
+        print(f"{args.data}: no shared data found; nothing measured", file=sys.stderr)
+        return 0
+    if judged.exists():
+        out["dev_half"] = dev_half(judged, args.seeds)
+    if dialogues.exists():
+        out["shared_dialogues"] = shared_turns(dialogues)
+    text = json.dumps(out, ensure_ascii=False, indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
