@@ -208,7 +208,7 @@ def _synthetic_replies(n: int, seed: int = 0) -> list[tuple[str, str]]:
 # The synthetic judge: a known function of the scorer's tone features, with weights unlike the
 # shipped ones (address counts most, polite speech a lot, ending shares not at all); it stays
 # inside 0-4, so the ratings are an exact linear function of the features.
-TRUE_TONE = {"intercept": 1.0, "weights": {"address": 2.0, "socratic_count": 0.5, "polite": -2.0, "asks": 0.5}}
+TRUE_TONE = {"intercept": 1.5, "weights": {"address": 1.8, "socratic_count": 0.3, "polite": -1.5, "asks": 0.3}}
 
 
 def _synthetic_judged(n: int, scorer: StyleScorer) -> list[dict]:

@@ -136,10 +136,12 @@ def unwrap(text: str) -> tuple[str, bool]:
 _JA_CLASS = "\u3040-\u309F\u30A0-\u30FF\u3400-\u4DBF\u4E00-\u9FFF々"
 _LATIN_IN_WORD = re.compile(f"(?<=[{_JA_CLASS}])[A-Za-z]*[a-z][A-Za-z]*(?=[{_JA_CLASS}])")
 # An English word inside a Japanese sentence (確かに難しい indeed。): Japanese or 、 on one side at
-# most a space away, so an interjection standing as its own sentence (Hmm。, Hmm... 君は) is not.
+# most a space away, so an interjection standing as its own sentence (Hmm。, Hmm... 君は) is not;
+# a lowercase letter is required, so an acronym (SNSで, AIは) is not either.
+_WORD = "[A-Za-z]*[a-z][A-Za-z]*"
 _ENGLISH_IN_SENTENCE = re.compile(
-    f"(?<=[{_JA_CLASS}、])[ \\t\u3000]*[A-Za-z]{{2,}}(?:[ \\t]+[A-Za-z]+)*"
-    f"|[A-Za-z]{{2,}}(?:[ \\t]+[A-Za-z]+)*(?=[ \\t\u3000]*[{_JA_CLASS}、])")
+    f"(?<=[{_JA_CLASS}、])[ \\t\u3000]*{_WORD}(?:[ \\t]+[A-Za-z]+)*"
+    f"|{_WORD}(?:[ \\t]+[A-Za-z]+)*(?=[ \\t\u3000]*[{_JA_CLASS}、])")
 _BRACES = re.compile("[{}｛｝]+")
 
 

@@ -117,6 +117,17 @@ class StyleScorer:
         feats["approach"] = {**approach_features(self, sentences, asks, suggested, notes), "degenerate": degenerate}
         return feats, notes
 
+    def costs(self, feats: dict[str, dict[str, float]]) -> list[str]:
+        """One line per measurement that cost an axis points, with the weight that priced it
+        ("format -0.40: wrapped 1.00 x -0.40"), largest first within each axis."""
+        lines = []
+        for axis in AXES:
+            weights = getattr(self.profile.combine, axis).weights
+            paid = [(w * feats.get(axis, {}).get(name, 0.0), name, w) for name, w in weights.items() if w < 0]
+            lines.extend(f"{axis} {cost:.2f}: {name} {feats[axis][name]:.2f} x {w:.2f}"
+                         for cost, name, w in sorted(paid) if cost <= -0.005)
+        return lines
+
     def score(self, text: str, prompt: str | None = None) -> StyleScore:
         """Score one reply; ``prompt`` (the user's message) lets logic check relevance."""
         feats, notes = self.features(text, prompt)
@@ -125,7 +136,7 @@ class StyleScorer:
         axes = {axis: combine(self.profile, axis, feats[axis]) if axis in feats else 0.0 for axis in AXES}
         w = self.profile.overall_weights.model_dump()
         overall = sum(w[a] * axes[a] for a in AXES) / sum(w.values())
-        return StyleScore(**axes, overall=_clip(overall), explanations=notes,
+        return StyleScore(**axes, overall=_clip(overall), explanations=notes + self.costs(feats),
                           features={a: {k: round(v, 4) for k, v in f.items()} for a, f in feats.items()})
 
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 
 _OPENER_CHARS = 6  # at most this long, asking nothing and naming nothing: an opener
+_BARE_QUESTION_WORDS = 3  # そう|な|の？ / ああ、そう|か。 ask nothing; 君|は|どう|思う？ does
 
 
 def _opener(scorer: StyleScorer, sentence: Sentence, asks: bool) -> bool:
@@ -53,7 +54,10 @@ def tone_features(scorer: StyleScorer, sentences: list[Sentence], asks: list[boo
         notes.append(f"{in_character:.0%} of the questions end in held Socratic speech")
     # なるほど。 / そうだね。 alone: an acknowledgement that says nothing and asks nothing is
     # not Socrates speaking, whatever its ending (the external judge rates it tone 0).
-    acknowledgement = float(not asked and not content_words(scorer, sentences))
+    # そうなの？ / そうか。 (read as asking) is no more: a question this short that names nothing.
+    words = sum(m.pos[0] not in ("感動詞", "補助記号", "空白") for s in sentences for m in s.morphs)
+    short = words <= _BARE_QUESTION_WORDS
+    acknowledgement = float((not asked or short) and not content_words(scorer, sentences))
     if acknowledgement:
         notes.append("a bare acknowledgement: no content word and no question")
     return {
