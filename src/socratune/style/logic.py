@@ -16,7 +16,7 @@ def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, p
                    garbled: tuple[int, str], notes: list[str]) -> dict[str, float]:
     morphs = [m for s in sentences for m in s.morphs if m.pos[0] not in SKIP]
     f = dict.fromkeys(("unknown_words", "garbled", "broken_grammar", "repetition", "stutter", "fragment",
-                       "too_short", "no_predicate", "says_nothing", "off_topic", "echo"), 0.0)
+                       "too_short", "no_predicate", "says_nothing", "off_topic", "off_prompt", "echo"), 0.0)
     if len(morphs) < 12:
         # A few words rarely answer anything; graded, since そうなのかね？ is a reply too.
         f["too_short"] = 1 - len(morphs) / 12
@@ -73,17 +73,34 @@ def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, p
     notes.extend(f"broken grammar: {b}" for b in broken)
     f["broken_grammar"] = capped(len(broken), 2)
     if prompt and prompt.strip():
-        # Echo: the reply says the user's message back (a failure of small tuned models).
-        echo_from = scorer.profile.logic.echo_from
-        alike = SequenceMatcher(None, core_text(prompt), core_text(clean), autojunk=False).ratio()
-        if alike > echo_from:
-            f["echo"] = min(1.0, (alike - echo_from) / (1 - echo_from))
-            notes.append(f"repeats the user's message ({alike:.0%} alike)")
-        asked = set(content_words(scorer, split_sentences(prompt)))
-        wanted = min(scorer.profile.logic.overlap_wanted, len(asked))
-        if wanted:
-            shared = sorted(asked & set(content_words(scorer, sentences)))
-            notes.append(f"shares {len(shared)} content word(s) with the prompt"
-                         + (f" ({', '.join(shared[:5])})" if shared else ""))
-            f["off_topic"] = 1 - min(len(shared), wanted) / wanted
+        _fit_to_prompt(scorer, sentences, clean, prompt, f, notes)
     return f
+
+
+def _fit_to_prompt(scorer: StyleScorer, sentences: list[Sentence], clean: str, prompt: str, f: dict[str, float],
+                   notes: list[str]) -> None:
+    """How the reply fits the user's message: an echo of it, how many of its content words are
+    taken up (off_topic), and what share of the reply's own content words are the prompt's
+    (off_prompt). A reply to *this* message builds on its words (君の言う幸福とは); a reply that
+    would fit any message (その気に向いたのかね？) takes few or none. On the 2,662 shared real
+    dialogues, a Socrates turn takes a median 29% of its content words from its user turn, 14%
+    at the tenth percentile; paired with another dialogue's user turn, a median 7%."""
+    rules = scorer.profile.logic
+    # Echo: the reply says the user's message back (a failure of small tuned models).
+    alike = SequenceMatcher(None, core_text(prompt), core_text(clean), autojunk=False).ratio()
+    if alike > rules.echo_from:
+        f["echo"] = min(1.0, (alike - rules.echo_from) / (1 - rules.echo_from))
+        notes.append(f"repeats the user's message ({alike:.0%} alike)")
+    asked = set(content_words(scorer, split_sentences(prompt)))
+    wanted = min(rules.overlap_wanted, len(asked))
+    if not wanted:
+        return
+    said = set(content_words(scorer, sentences))
+    shared = sorted(asked & said)
+    notes.append(f"shares {len(shared)} content word(s) with the prompt"
+                 + (f" ({', '.join(shared[:5])})" if shared else ""))
+    f["off_topic"] = 1 - min(len(shared), wanted) / wanted
+    share = len(shared) / len(said) if said else 0.0  # naming nothing, it takes up nothing
+    f["off_prompt"] = 1 - min(1.0, share / rules.fit_wanted)
+    if f["off_prompt"]:
+        notes.append(f"{share:.0%} of the reply's content words are the prompt's (fits at {rules.fit_wanted:.0%})")

@@ -92,6 +92,7 @@ FEATURES: dict[str, dict[str, int]] = {
         "no_predicate": -1,  # no verb, adjective, copula or final particle
         "says_nothing": -1,  # not one content word (a noun, verb, adjective beyond the stop lemmas)
         "off_topic": -1,  # takes up none of the prompt's content words
+        "off_prompt": -1,  # share of the reply's content words that are the prompt's, below logic.fit_wanted
         "echo": -1,  # says the user's message back
     },
 }
@@ -183,6 +184,8 @@ class LogicRules(_Strict):
     stop_lemmas: list[str]
     overlap_wanted: int = Field(ge=0)
     echo_from: float = Field(ge=0, lt=1)
+    fit_wanted: float = Field(0.1, gt=0, le=1, description="share of the reply's content words taken from the "
+                              "prompt at which it fits the prompt (off_prompt is 0 from here)")
     degenerate_at: float = Field(gt=0, description="logic points lost at which text is fully degenerate")
     # What each sign of non-language costs towards degenerate_at. Fixed here, apart from the logic
     # weights in `combine`, so that degenerate is a measurement: refitting logic (calibrate) does not
