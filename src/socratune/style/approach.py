@@ -63,6 +63,9 @@ def approach_features(scorer: StyleScorer, sentences: list[Sentence], asks: list
         notes.append(f"statements are {share:.0%} of the text")
     return {
         "asks": float(any(asks)),
+        # 〜でしょうか。 closed by 。 muses or hedges; a question put to the user carries ？. On the
+        # shared real dialogues 92% of Socrates' questions carry one, 21% of the students'.
+        "marked_question": float(any(a and s.closer in rules.question_marks for s, a in zip(sentences, asks))),
         "question_share": min(1.0, sum(asks) / len(sentences) / 0.5),
         "ends_with_question": float(asks[-1]),
         "content_question": float(substance),

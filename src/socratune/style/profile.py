@@ -52,6 +52,7 @@ FEATURES: dict[str, dict[str, int]] = {
     },
     "approach": {
         "asks": +1,  # at least one sentence asks
+        "marked_question": +1,  # at least one question closed by a question mark (？), not by 。
         "question_share": +1,  # share of sentences that ask (full at one in two)
         "ends_with_question": +1,
         "content_question": +1,  # a question names a content word (幸福とは何かね)

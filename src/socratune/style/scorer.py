@@ -1,27 +1,28 @@
 """Style scorer: how Socratic a reply sounds, whether it asks, how clean and how coherent it is.
 
 Each reply gets scores in [0, 4] on four axes (tone, approach, format, logic), a weighted
-overall score and readable evidence (what was detected in which sentence). Scoring has two
-steps, kept apart so that the second can be refitted to a user's own judge:
+overall score and readable evidence (what was detected in which sentence, and which
+measurement cost which axis how many points). Scoring has two steps, kept apart so that the
+second can be refitted to a user's own judge:
 
-1. **Features** (code, here): per axis a handful of general measurements in [0, 1] — the share
-   of sentences with a Socratic ending, the share of polite text, whether and how much the reply
-   asks, lecturing markers, format breakers, loops, unknown words, garbled characters, broken
-   grammar, overlap with the prompt. ``profile.FEATURES`` lists them with the sign each may take.
+1. **Measurements** (code, one module per axis or family: ``format``, ``tone``, ``approach``,
+   ``logic`` with ``grammar``, all reading ``morphology``): per axis a handful of general
+   features in [0, 1] -- the share of sentences with a Socratic ending, the share of polite
+   text, whether and how much the reply asks, lecturing markers, format breakers, loops,
+   unknown words, garbled characters, broken grammar, fit to the prompt.
+   ``profile.FEATURES`` lists them with the sign each may take. Every rule that costs points
+   is such a feature: none is a fixed deduction.
 2. **Combination** (data, the profile's ``combine`` section): axis = clip(intercept + sum of
    weight * feature, 0, 4). ``socratune calibrate`` fits these weights to judge ratings
-   (``calibrate.py``); the shipped weights are round numbers set by reading the judge's rubric
-   and checked (not fitted) against the judged development half.
+   (``calibrate.py``), so a judge that ignores a wrapper teaches a weight of about 0; the
+   shipped weights are round numbers set by reading the rubric and checked against the
+   judged development half.
 
 Why few features: a rule per observed reply fits its author's ratings and not an external
 judge's (style v1 reached 0.72 tone on the replies it was tuned on and 0.45 on unseen ones). A
 reply wrapped whole in 「…」 or {{…}} (Gemma does this) is unwrapped before analysis, so it is
-read as the model's own speech; the wrapping itself is a format feature.
-
-Why Sudachi: a pure pip install whose dictionary ships as a wheel; dictionary and normalized
-forms (だろう -> だ, でしょう -> です) let one rule cover every conjugation, and part-of-speech
-tags tell auxiliaries and final particles from look-alikes. Regexes are used only for surface
-format checks. Layer 0: no torch or transformers.
+read as the model's own speech; the wrapping itself is a format feature (``wrapped`` for
+quotes, ``braces`` for a template's braces). Layer 0: no torch or transformers.
 """
 
 from __future__ import annotations
