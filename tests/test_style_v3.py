@@ -199,3 +199,15 @@ def test_calibrate_on_the_dev_half_moves_the_format_weights():
     default = load_profile()
     fitted = calibrate(rows, default).profile
     assert fitted.combine.format != default.combine.format
+
+
+def test_style_modules_stay_small():
+    """The layout rule for style/: no module over 500 lines, no function over 80."""
+    import ast
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "src" / "socratune" / "style").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        assert len(source.splitlines()) <= 500, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}: {node.name}"
