@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from .morphology import capped
+from .morphology import capped, tokenizer
 
 if TYPE_CHECKING:
     from .scorer import StyleScorer
@@ -175,8 +175,6 @@ def _breakers(scorer: StyleScorer, body: str) -> tuple[dict[str, list[str]], str
 def _split_endings(clean: str) -> list[str]:
     """Lines after a line break that hold only a sentence ending (…でしょう？⏎かね？): an ending
     split off its sentence."""
-    from .morphology import tokenizer
-
     out = []
     for line in clean.split("\n")[1:]:
         line = line.strip()

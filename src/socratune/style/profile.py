@@ -256,7 +256,7 @@ class Calibration(_Strict):
     cv_spearman: dict[str, float | None]  # calibrated: mean rho over held-out folds
     uncalibrated_cv_spearman: dict[str, float | None]  # the starting profile on the same folds
     uncalibrated_spearman: dict[str, float | None]  # the starting profile on all rows
-    kept_axes: list[str] = []  # axes that kept the starting weights (no better held out, or too few ratings)
+    kept_axes: list[str] = []  # axes that kept the starting weights (worse held out, or too few ratings)
     base_profile: str
 
 
