@@ -17,6 +17,8 @@ Each figure is labelled with the data it stands on:
    team wrote): mean scores of the Socrates turns, and the AUC of tone and approach separating
    Socrates turns from student turns.
 4. **Speed**: replies/s scoring every Socrates turn with its user turn, one process.
+5. With ``--breakers``: how many real turns (both roles) each class-3 format breaker fires on,
+   and the share of 400 real Socrates turns whose format falls to 2 or below once one is put in.
 """
 
 from __future__ import annotations
@@ -94,11 +96,51 @@ def shared_turns(path: Path) -> dict:
     }
 
 
+BREAKERS = ("braces", "latin_in_word", "english_in_sentence", "split_ending", "special_token", "markup")
+
+
+def breaker_edits(text: str) -> dict[str, str]:
+    """Each class-3 format breaker put into a real reply (our edits of text we did not write)."""
+    first, _, rest = text.partition("。")
+    middle = len(first) // 2
+    return {
+        "latin letters inside a word": first[:middle] + "wa" + first[middle:] + "。" + rest,
+        "an English word inside a sentence": first + " indeed。" + rest,
+        "an ending on its own line": text + "\nかね？",
+        "stray braces before the reply": "}}" + text,
+        "a special token": text + "<end_of_turn>",
+        "markdown bold": f"**{first}**。{rest}",
+    }
+
+
+def breakers(path: Path) -> dict:
+    """How often the new format breakers fire on real turns (both roles), and whether each,
+    put into a real Socrates turn, brings format to 2 or below."""
+    dialogues = json.loads(path.read_text(encoding="utf-8"))
+    scorer = StyleScorer(load_profile())
+    fired: dict[str, dict[str, int]] = {"socrates": {}, "student": {}}
+    at_most_2: dict[str, list[bool]] = {}
+    for d in dialogues:
+        for m in d["messages"]:
+            role = "socrates" if m["role"] == "model" else "student"
+            feats = scorer.score(m["content"]).features.get("format", {})
+            for name in BREAKERS:
+                fired[role][name] = fired[role].get(name, 0) + bool(feats.get(name))
+    for d in dialogues[:400]:
+        reply = d["messages"][1]["content"]
+        for name, text in breaker_edits(reply).items():
+            at_most_2.setdefault(name, []).append(scorer.score(text).format <= 2.0)
+    return {"turns_with_breaker": fired, "turns_per_role": len(dialogues),
+            "edit_format_at_most_2": {k: round(sum(v) / len(v), 3) for k, v in at_most_2.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared data folder")
     parser.add_argument("--seeds", type=int, default=4, help="fold seeds averaged on the dev half")
     parser.add_argument("--output", help="write the figures here as JSON")
+    parser.add_argument("--breakers", action="store_true",
+                        help="also count the class-3 format breakers on the real turns and edit them in (v3 only)")
     args = parser.parse_args()
     out: dict = {}
     judged = args.data / "judged_dev_ja.jsonl"
@@ -110,6 +152,8 @@ def main() -> int:
         out["dev_half"] = dev_half(judged, args.seeds)
     if dialogues.exists():
         out["shared_dialogues"] = shared_turns(dialogues)
+        if args.breakers:
+            out["format_breakers"] = breakers(dialogues)
     text = json.dumps(out, ensure_ascii=False, indent=1)
     print(text)
     if args.output:
