@@ -35,8 +35,10 @@ def write_lines(path: Path, items: list) -> Path:
 
 
 def test_the_collapse_guard_warns_when_one_reply_answers_the_monitored_prompts(monkeypatch, caplog):
-    """A model that gives every monitored prompt the same reply (what DPO found in issue 27) is
-    named in a warning at each trained evaluation; varied replies, and the base at step 0, are not."""
+    """A model that gives most monitored prompts the same reply (what DPO found in issue 27) is
+    named in a warning at a trained evaluation when it varied its replies at the start; varied
+    replies are not, nor a run that repeated itself from the start (a tiny model from random
+    weights), and the share is in the log history for resumes."""
     from types import SimpleNamespace
 
     from socratune import callbacks
@@ -44,20 +46,27 @@ def test_the_collapse_guard_warns_when_one_reply_answers_the_monitored_prompts(m
 
     prompts = [[{"role": "user", "content": f"問い{i}ですか？"}] for i in range(8)]
     monitor = callbacks.StyleCallback(prompts, StyleScorer(load_profile("socrates")), max_new_tokens=8)
-    answers = {"alike": ["君はどう思うのかね？"] * 6 + ["では、正義とは何かね？", "なぜかね？"],
-               "varied": [f"{i}とは何かね？" for i in range(8)]}
-    for kind, step, warned in (("alike", 20, True), ("alike", 0, False), ("varied", 20, False)):
-        monkeypatch.setattr(callbacks, "generate_replies", lambda *a, _r=answers[kind], **k: _r)
+    alike = ["君はどう思うのかね？"] * 6 + ["では、正義とは何かね？", "なぜかね？"]
+    varied = [f"{i}とは何かね？" for i in range(8)]
+
+    def evaluate(replies: list[str], step: int, history: list[dict]) -> list[str]:
+        monkeypatch.setattr(callbacks, "generate_replies", lambda *a, **k: replies)
         caplog.clear()
-        state = SimpleNamespace(is_world_process_zero=True, global_step=step, log_history=[])
-        monitor.on_evaluate(None, state, None, metrics={}, model=None, processing_class=None)
-        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert bool(lines) is warned, (kind, step, lines)
-    caplog.clear()
-    monkeypatch.setattr(callbacks, "generate_replies", lambda *a, **k: answers["alike"])
-    monitor.on_evaluate(None, SimpleNamespace(is_world_process_zero=True, global_step=40, log_history=[]), None,
-                        metrics={}, model=None, processing_class=None)
-    assert "step 40: one reply answers 6 of the 8 monitored prompts (75%): 「君はどう思うのかね？」" in caplog.text
+        history.append({"step": step, "eval_loss": 1.0})
+        monitor.on_evaluate(None, SimpleNamespace(is_world_process_zero=True, global_step=step, log_history=history),
+                            None, metrics={}, model=None, processing_class=None)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    history: list[dict] = []
+    assert evaluate(varied, 0, history) == [] and history[0]["eval_style_repeated_share"] == 0.125
+    assert evaluate(varied, 20, history) == []
+    assert evaluate(alike, 40, history) == [
+        "step 40: one reply answers 6 of the 8 monitored prompts (75%): 「君はどう思うのかね？」; the model is "
+        "collapsing onto a reply that fits any prompt (a preference run: fewer epochs, a lower learning rate or a "
+        "larger prefs.beta)"]
+    repeating_from_the_start: list[dict] = []
+    assert evaluate(alike, 0, repeating_from_the_start) == []  # the base: never warned about
+    assert evaluate(alike, 20, repeating_from_the_start) == []  # no worse than it started
 
 
 # --- the pairs file -------------------------------------------------------------------------------

@@ -27,12 +27,13 @@ from .distributed import SINGLE_PROCESS, Ranks
 from .generate import GenParams, generate_replies
 from .memory import release_memory, resource_usage
 from .rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
-from .scores import SCORE_KEYS, reply_variety, style_metric
+from .scores import SCORE_KEYS, Variety, reply_variety, style_metric
 from .selection import EarlyStop, best_evaluation, early_stop, is_new_best
 from .style import StyleScorer, summarize
 
 logger = logging.getLogger("socratune")
 STYLE_RUNTIME = "eval_style_runtime"  # seconds spent generating and scoring, beside HF's eval_runtime
+REPEATED_SHARE = "eval_style_repeated_share"  # share of the monitored prompts given the most common reply
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
     *(style_metric(key) for key in SCORE_KEYS),
@@ -75,25 +76,29 @@ class StyleCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.last_replies = replies
-        warn_if_one_reply_answers_all(replies, state.global_step)
+        variety = reply_variety(replies)
+        warn_if_collapsing(variety, state.global_step, state.log_history)
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
         style = {style_metric(key): round(means[key], 4) for key in SCORE_KEYS}
+        style[REPEATED_SHARE] = round(variety.most_common_share, 4)
         style[STYLE_RUNTIME] = round(time.perf_counter() - started, 3)
         metrics.update(style)
         if state.log_history and "eval_loss" in state.log_history[-1]:
             state.log_history[-1].update(style)
 
 
-def warn_if_one_reply_answers_all(replies: list[str], step: int) -> None:
+def warn_if_collapsing(variety: Variety, step: int, log_history: list[dict[str, Any]]) -> None:
     """The collapse guard: warn when one reply answers more than ``REPEATED_REPLY_SHARE`` of the
-    monitor's prompts at a trained step (the untuned base at step 0 may well repeat itself), the
-    sign of a model that found one reply the scorer likes instead of answering each prompt."""
-    found = reply_variety(replies)
-    if step > 0 and found.repeats_itself():
+    monitored prompts, and more of them than when the run started (step 0 in the log history: a
+    preference run starts from a supervised model that varies its replies; a tiny model trained
+    from random weights repeats itself at first, and that is not a collapse). The sign of a model
+    that found one reply the scorer likes instead of answering each prompt."""
+    start = next((e.get(REPEATED_SHARE) for e in log_history if e.get("step") == 0 and REPEATED_SHARE in e), None)
+    if step > 0 and variety.repeats_itself() and (start is None or variety.most_common_share > start):
         logger.warning("step %d: one reply answers %d of the %d monitored prompts (%.0f%%): 「%s」; the model is "
                        "collapsing onto a reply that fits any prompt (a preference run: fewer epochs, a lower "
-                       "learning rate or a larger prefs.beta)", step, found.most_common_count, found.replies,
-                       100 * found.most_common_share, found.most_common[:60])
+                       "learning rate or a larger prefs.beta)", step, variety.most_common_count, variety.replies,
+                       100 * variety.most_common_share, variety.most_common[:60])
 
 
 class CheckpointCallback(TrainerCallback):
