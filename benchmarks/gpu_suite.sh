@@ -13,6 +13,10 @@
 #     with LoRA, and with QLoRA under the sharding ones (FSDP, ZeRO-3): proof that each config
 #     starts, trains and writes a finished run directory; then the FSDP and ZeRO-3 LoRA runs are
 #     continued for a second epoch, which resumes from the checkpoint in the engine's layout.
+#  3. The vLLM hand-off (docs/serve.md), when vLLM is installed: a tiny run whose adapter covers
+#     the projections only (what vLLM's LoRA takes) is served by `socratune serve` and by
+#     `vllm serve BASE --enable-lora --lora-modules NAME=RUN/adapter`; vllm.json records whether
+#     the adapter loads and whether the greedy replies are the same (benchmarks/vllm_handoff.py).
 #
 # Usage, from the repository root, after `pip install -e ".[bench]"` (and `pip install deepspeed`):
 #     bash benchmarks/gpu_suite.sh RESULTS_DIR [more train_throughput.py arguments]
@@ -20,7 +24,7 @@
 # CPU: bash benchmarks/gpu_suite.sh /tmp/suite --model tiny --preset tiny --samples 64
 # RESULTS_DIR receives throughput.json / throughput.md, launch.log (one line per config) and each
 # launch's log; the run directories themselves go to a temporary folder.
-# PARTS (default "throughput launches") picks the parts and their order, e.g. PARTS=launches, so
+# PARTS (default "throughput launches vllm") picks the parts and their order, e.g. PARTS=launches, so
 # that a time-limited machine can run them as separate commands.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,10 +86,24 @@ launches() {
     done
 }
 
-for part in ${PARTS:-throughput launches}; do
+vllm_handoff() {
+    if ! python3 -c "import vllm" 2>/dev/null; then
+        echo "vllm: skipped (vllm is not installed)" | tee -a "$results/launch.log"
+        return
+    fi
+    printf 'preset: tiny\ntrain: {epochs: 2}\nstyle: {eval_samples: 0}\nlora: {target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}\n' \
+        >"$runs/projections.yaml"
+    python3 -m socratune train --config "$runs/projections.yaml" --output "$runs/handoff" >"$results/handoff-train.log" 2>&1
+    python3 benchmarks/vllm_handoff.py "$runs/handoff" --logs "$results" >"$results/vllm.json" 2>"$results/vllm-handoff.log"
+    echo "vllm: exit $?, $(grep -o '"adapter_loaded": [a-z]*' "$results/vllm.json"), $(grep -o '"same_greedy_replies": [a-z]*' "$results/vllm.json")" \
+        | tee -a "$results/launch.log"
+}
+
+for part in ${PARTS:-throughput launches vllm}; do
     case $part in
         throughput) throughput "$@" ;;
         launches) launches ;;
-        *) echo "unknown part $part (throughput, launches)" >&2; exit 2 ;;
+        vllm) vllm_handoff ;;
+        *) echo "unknown part $part (throughput, launches, vllm)" >&2; exit 2 ;;
     esac
 done

@@ -2,8 +2,7 @@
 
     socratune train --output /tmp/p/sft                                   # the supervised run (tiny preset)
     socratune prefs /tmp/p/sft --output /tmp/p/pairs.jsonl               # 6 samples, T 0.7, 128 tokens
-    socratune train --config benchmarks/prefs_proof.yaml --method dpo --pairs /tmp/p/pairs.jsonl \\
-        --from /tmp/p/sft --output /tmp/p/dpo
+    socratune train --method dpo --pairs /tmp/p/pairs.jsonl --from /tmp/p/sft --output /tmp/p/dpo   # its defaults
     socratune evaluate /tmp/p/dpo --checkpoints none                      # base, supervised, dpo on 40 held-out prompts
     python benchmarks/prefs_proof.py check /tmp/p/sft /tmp/p/dpo
     python benchmarks/prefs_proof.py power /tmp/p/dpo                     # prompts needed for p < 0.01

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from socratune.style import AXES, StyleScorer, load_profile  # noqa: E402 (after the sys.path line)
 from socratune.style.calibrate import calibrate, read_judged, spearman  # noqa: E402
-from socratune.style.scorer import _tokenizer  # noqa: E402
+from socratune.style.morphology import tokenizer as _tokenizer  # noqa: E402
 
 POLITE = [("のかね", "のですか"), ("かね", "ですか"), ("だろうか", "でしょうか"), ("だね", "ですね"),
           ("だよ", "ですよ"), ("のだ。", "のです。"), ("だ。", "です。"), ("君", "あなた"), ("かな", "でしょうか")]

@@ -6,6 +6,7 @@ The weights are the same in both columns, so the difference is the guard's alone
 untouched by it (the guard acts on generation only).
 
     python benchmarks/whole_chars.py runs/tiny                      # the 40 bundled eval prompts
+    python benchmarks/whole_chars.py runs/tiny --checkpoints checkpoint-120   # one checkpoint and the final adapter
     python benchmarks/whole_chars.py runs/tiny --prompts ../shared/data/socratic_dialogues_ja.json --limit 200
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--checkpoints", help="comma-separated checkpoint names to compare (default: all of them)")
     args = parser.parse_args()
 
     from socratune.evaluation.evaluate import load_prompts
@@ -47,6 +49,8 @@ def main() -> None:
     guard, trim = generate.whole_character_kwargs, generate.drop_partial_character
     run = Path(args.run)
     names = sorted((p.name for p in (run / "checkpoints").glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    if args.checkpoints:
+        names = [n for n in names if n in args.checkpoints.split(",")]
     print(f"{len(prompts)} prompts, greedy, {args.max_new_tokens} new tokens")
     print("| weights | guard | replies with U+FFFD | overall | tone | format | replies/s |")
     print("|---|---|---:|---:|---:|---:|---:|")

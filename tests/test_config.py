@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from socratune.core.config import available_presets, load_config
+from socratune.core.config import PrefsSection, available_presets, load_config
 from socratune.core.errors import ConfigError
 
 
@@ -62,6 +62,38 @@ def test_bad_value_names_the_key_and_allowed_values(tmp_path):
     assert "train.scheduler" in str(info.value) and "cosine_with_restarts" in str(info.value)
     with pytest.raises(ConfigError, match="lora.r"):
         load_config(overrides={"lora.r": 0})
+
+
+def test_early_stopping_needs_a_metric_to_watch():
+    assert load_config(overrides={"train.select": "best_eval_loss",
+                                  "train.early_stopping_patience": 3}).train.early_stopping_patience == 3
+    assert load_config(overrides={"train.select": "last", "train.early_stopping_patience": None}).train.select == "last"
+    with pytest.raises(ConfigError, match="train.early_stopping_patience.*train.select is 'last'"):
+        load_config(overrides={"train.select": "last", "train.early_stopping_patience": 2})
+    with pytest.raises(ConfigError, match="train.early_stopping_patience"):
+        load_config(overrides={"train.early_stopping_patience": 0})
+
+
+def test_a_preference_method_brings_its_own_schedule_unless_the_user_sets_one(tmp_path):
+    """`train --method dpo` does not inherit the supervised 20 epochs at 2e-3 (issue 27): the
+    preference defaults lie over the supervised settings, and the user's YAML, --set and flags
+    lie over them. A preference run's own recorded config is taken as it is."""
+    supervised = load_config()
+    dpo = load_config(overrides={"train.method": "dpo"})
+    assert (dpo.train.epochs, dpo.train.learning_rate, dpo.train.batch_size, dpo.prefs.beta) == (2, 5e-4, 8, 0.3)
+    assert (dpo.model, dpo.lora, dpo.data) == (supervised.model, supervised.lora, supervised.data)
+    orpo = load_config(overrides={"train.method": "orpo"})
+    assert orpo.train.epochs == 2 and orpo.prefs.beta == PrefsSection().beta
+    assert load_config(assignments=["train.method=dpo", "prefs.beta=0.5"]).prefs.beta == 0.5
+    path = tmp_path / "mine.yaml"
+    path.write_text("train: {method: dpo, learning_rate: 1.0e-4}\n", encoding="utf-8")
+    assert load_config(path).train.learning_rate == 1e-4 and load_config(path).train.epochs == 2
+    assert load_config(path, overrides={"train.epochs": 4}).train.epochs == 4
+
+    from_supervised_run = load_config(overrides={"train.method": "dpo"}, recorded=supervised.to_dict())
+    assert from_supervised_run.train.epochs == 2
+    recorded_preference_run = {**dpo.to_dict(), "train": {**dpo.to_dict()["train"], "epochs": 3}}
+    assert load_config(recorded=recorded_preference_run).train.epochs == 3  # its own start, not re-defaulted
 
 
 def test_unknown_preset_lists_presets():

@@ -97,6 +97,21 @@ def test_gguf_reads_back_with_llama_tensors_and_the_tokenizer(exported, default_
         torch.testing.assert_close(from_gguf(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_gguf_export_writes_an_ollama_modelfile_that_prompts_as_the_run(exported, default_model):
+    from socratune.generation.generate import prompt_texts
+    from test_modelfile import go_render
+
+    _, gguf_path = exported
+    _, tokenizer = default_model
+    lines = gguf_path.with_suffix(".Modelfile").read_text(encoding="utf-8").splitlines()
+    assert "FROM ./tiny.gguf" in lines and 'PARAMETER stop "<end_of_turn>"' in lines
+    template = "\n".join(lines).split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    conversation = [{"role": "system", "content": "君はソクラテスだ。"}, {"role": "user", "content": "正義とは？"},
+                    {"role": "assistant", "content": "君はどう思うのかね？"},
+                    {"role": "user", "content": "分かりません。"}]
+    assert go_render(template, conversation) == prompt_texts(tokenizer, [conversation])[0]
+
+
 def test_export_refuses_to_overwrite_without_force(default_run, tmp_path, capsys):
     taken, existing = tmp_path / "taken", tmp_path / "old.gguf"
     taken.mkdir()

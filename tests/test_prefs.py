@@ -31,6 +31,44 @@ def write_lines(path: Path, items: list) -> Path:
     return path
 
 
+# --- the collapse guard ---------------------------------------------------------------------------
+
+
+def test_the_collapse_guard_warns_when_one_reply_answers_the_monitored_prompts(monkeypatch, caplog):
+    """A model that gives most monitored prompts the same reply (what DPO found in issue 27) is
+    named in a warning at a trained evaluation when it varied its replies at the start; varied
+    replies are not, nor a run that repeated itself from the start (a tiny model from random
+    weights), and the share is in the log history for resumes."""
+    from types import SimpleNamespace
+
+    from socratune.style import StyleScorer, load_profile
+    from socratune.training import callbacks
+
+    prompts = [[{"role": "user", "content": f"問い{i}ですか？"}] for i in range(8)]
+    monitor = callbacks.StyleCallback(prompts, StyleScorer(load_profile("socrates")), max_new_tokens=8)
+    alike = ["君はどう思うのかね？"] * 6 + ["では、正義とは何かね？", "なぜかね？"]
+    varied = [f"{i}とは何かね？" for i in range(8)]
+
+    def evaluate(replies: list[str], step: int, history: list[dict]) -> list[str]:
+        monkeypatch.setattr(callbacks, "generate_replies", lambda *a, **k: replies)
+        caplog.clear()
+        history.append({"step": step, "eval_loss": 1.0})
+        monitor.on_evaluate(None, SimpleNamespace(is_world_process_zero=True, global_step=step, log_history=history),
+                            None, metrics={}, model=None, processing_class=None)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    history: list[dict] = []
+    assert evaluate(varied, 0, history) == [] and history[0]["eval_style_repeated_share"] == 0.125
+    assert evaluate(varied, 20, history) == []
+    assert evaluate(alike, 40, history) == [
+        "step 40: one reply answers 6 of the 8 monitored prompts (75%): 「君はどう思うのかね？」; the model is "
+        "collapsing onto a reply that fits any prompt (a preference run: fewer epochs, a lower learning rate or a "
+        "larger prefs.beta)"]
+    repeating_from_the_start: list[dict] = []
+    assert evaluate(alike, 0, repeating_from_the_start) == []  # the base: never warned about
+    assert evaluate(alike, 20, repeating_from_the_start) == []  # no worse than it started
+
+
 # --- the pairs file -------------------------------------------------------------------------------
 
 
@@ -530,7 +568,7 @@ def test_pair_making_settings_do_not_guard_a_preference_run():
     recorded = load_config(overrides={"train.method": "dpo"}).to_dict()
     current = load_config(overrides={"train.method": "dpo", "prefs.samples": 9, "prefs.beta": 0.5}).to_dict()
     guarded, harmless = config_changes(recorded, current)
-    assert guarded == ["prefs.beta: 0.1 -> 0.5"] and harmless == ["prefs.samples: 6 -> 9"]
+    assert guarded == ["prefs.beta: 0.3 -> 0.5"] and harmless == ["prefs.samples: 6 -> 9"]  # 0.3: the DPO default
 
 
 def test_pairs_without_a_preference_method_are_refused(tmp_path, capsys):

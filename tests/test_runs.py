@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -234,6 +235,70 @@ def test_finished_run_asked_for_more_epochs_continues_from_its_final_state(refer
     capsys.readouterr()
     assert main(["train", "--output", str(run), "--epochs", "3"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+EARLY_STOP_CONFIG = """\
+train:
+  epochs: 4
+  batch_size: 4
+  learning_rate: 1.0e-2            # high on purpose: the eval loss turns up well before the end
+  save_steps: 4
+  eval_steps: 2
+  logging_steps: 2
+  save_total_limit: 10
+  select: best_eval_loss
+  early_stopping_patience: 2
+style:
+  eval_samples: 0                  # no generation: the eval loss alone decides, and fast
+  max_new_tokens: 8
+"""
+
+
+def eval_losses(run: Path) -> dict[str, str]:
+    rows = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    column = rows[0].split(",").index("eval_loss")
+    return {r.split(",")[0]: r.split(",")[column] for r in rows[1:] if r.split(",")[column]}
+
+
+@pytest.mark.slow
+def test_an_early_stopped_run_killed_and_resumed_stops_at_the_same_step(small_inputs, tmp_path, capsys):
+    """Early stopping on: the reference run stops before its last step and keeps its best one; a
+    copy killed between the best and the stop, then again while saving the final adapter, resumes
+    to the same stopping step, the same eval losses and the same adapter."""
+    config = tmp_path / "early.yaml"
+    config.write_text(EARLY_STOP_CONFIG, encoding="utf-8")
+    args = lambda run: small_args((config, small_inputs[1]), run)  # noqa: E731
+    reference = tmp_path / "reference"
+    assert main(args(reference)) == 0
+    out = capsys.readouterr().out
+    stopped = summary(reference)["stopped_early"]
+    assert stopped is not None and summary(reference)["finished"]
+    assert summary(reference)["global_step"] == stopped["step"] < summary(reference)["total_steps"]
+    assert stopped["step"] - stopped["best_step"] == 2 * 2  # two evaluations, two steps apart, without a new best
+    assert summary(reference)["selected"]["step"] == stopped["best_step"]
+    assert f"stopped early at step {stopped['step']} of {summary(reference)['total_steps']}" in out
+    assert not (reference / "checkpoints" / f"checkpoint-{stopped['step']}").exists()
+
+    run = tmp_path / "run"
+    killed = run_with_fault("kill-after-step", stopped["step"] - 1, args(run))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    killed = run_with_fault("kill-in-final", 0, ["train", "--output", str(run)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "resuming from" in killed.stderr
+    assert main(["train", "--output", str(run)]) == 0
+    assert summary(run)["stopped_early"] == stopped
+    resumed, expected = eval_losses(run), eval_losses(reference)
+    assert resumed.keys() == expected.keys()
+    assert all(math.isclose(float(resumed[k]), float(expected[k]), rel_tol=1e-6) for k in expected)
+    assert_same_adapter(run, reference)
+
+    capsys.readouterr()
+    assert main(["train", "--output", str(run)]) == 0
+    total = summary(run)["total_steps"]
+    assert f"already finished ({stopped['step']} of {total} steps, stopped early)" in capsys.readouterr().out
+    assert main(["status", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "finished" and status["stopped_early"] == stopped
 
 
 def test_a_kill_while_the_tiny_base_is_saved_leaves_a_run_that_starts_again(small_inputs, reference_run, tmp_path):

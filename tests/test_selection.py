@@ -1,6 +1,8 @@
 """Best-model selection (``train.select``) and one row per distinct model in ``evaluate``: the pure
-rules, on hand-written log histories and adapter files. The end-to-end checks on a trained run
-are in tests/test_train.py (``test_final_adapter_is_the_selected_checkpoint``)."""
+rules, on hand-written log histories and adapter files, and early stopping on the same metric.
+The end-to-end checks on a trained run are in tests/test_train.py
+(``test_final_adapter_is_the_selected_checkpoint``, ``test_default_run_stops_early_and_keeps_a_late_step``)
+and tests/test_runs.py (an early-stopped run killed and resumed)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from types import SimpleNamespace
 from socratune.evaluation.evaluate import Subject, adapter_fingerprint, merge_identical
 from socratune.training.selection import (
     best_evaluation,
+    describe_end,
     describe_selection,
+    early_stop,
     is_new_best,
     last_is_clearly_worse,
     select_step,
@@ -136,3 +140,52 @@ def test_a_new_best_evaluation_is_saved_and_the_last_step_is_evaluated():
     control = TrainerControl()
     BestCheckpointCallback("last").on_evaluate(None, TrainerState(global_step=20, log_history=HISTORY[:3]), control)
     assert not control.should_save
+
+
+def history_until(step: int) -> list[dict]:
+    return [e for e in HISTORY if e["step"] <= step]
+
+
+def test_early_stop_counts_evaluations_without_a_new_best_on_the_selection_metric():
+    # by style the best is step 40 (2.5): 60 and 80 do not beat it
+    assert early_stop(history_until(40), "best_style", 1) is None
+    assert early_stop(history_until(60), "best_style", 1).as_dict() == {
+        "step": 60, "best_step": 40, "patience": 1, "by": "best_style"}
+    assert early_stop(history_until(60), "best_style", 2) is None
+    assert early_stop(history_until(80), "best_style", 2).step == 80
+    # by loss a tie is no improvement: 60 equals 40's 4.5, so it counts against the patience
+    assert early_stop(history_until(60), "best_eval_loss", 1).best_step == 40
+    # the base at step 0 is never the best, so a first evaluation below it does not stop the run
+    assert early_stop(history_until(20), "best_eval_loss", 1) is None
+    assert early_stop(HISTORY, "last", 1) is None and early_stop(HISTORY, "best_style", None) is None
+    no_style = [{k: v for k, v in e.items() if k != "eval_style_overall"} for e in HISTORY]
+    assert early_stop(no_style, "best_style", 1) is None  # nothing measured: nothing to stop on
+
+
+def test_early_stop_callback_ends_training_without_a_checkpoint_at_the_stop():
+    """The stopping step is not saved: a crash before the summary then resumes from an earlier
+    checkpoint and stops at the same step again (tests/test_runs.py runs that)."""
+    from transformers import TrainerControl, TrainerState
+
+    from socratune.training.callbacks import EarlyStopCallback
+
+    callback = EarlyStopCallback("best_style", patience=2)
+    for step, stops in ((20, False), (40, False), (60, False), (80, True)):
+        control = TrainerControl(should_save=True)  # as save_steps would have asked
+        callback.on_evaluate(None, TrainerState(global_step=step, max_steps=100, log_history=history_until(step)),
+                             control)
+        assert control.should_training_stop is stops, step
+        assert control.should_save is not stops, step
+    assert callback.stopped.as_dict() == {"step": 80, "best_step": 40, "patience": 2, "by": "best_style"}
+    control = TrainerControl()  # the planned last step is an end, not an early stop
+    EarlyStopCallback("best_style", 2).on_evaluate(None, TrainerState(global_step=80, max_steps=80,
+                                                                      log_history=HISTORY), control)
+    assert not control.should_training_stop
+
+
+def test_the_closing_line_says_why_the_run_ended():
+    summary = {"total_steps": 320, "stopped_early": {"step": 240, "best_step": 180, "patience": 1,
+                                                     "by": "best_style"}}
+    assert describe_end(summary) == ("stopped early at step 240 of 320: the style score had not improved on "
+                                     "step 180's for 1 evaluation (train.early_stopping_patience: 1)")
+    assert describe_end({"total_steps": 320, "stopped_early": None}) is None

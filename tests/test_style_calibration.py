@@ -100,8 +100,9 @@ def test_polite_reply_that_asks_ranks_above_one_that_explains(scorer):
                           "では、怠けるとはどういうことでしょうか？"
                           "休むことと怠けることは同じでしょうか？")
     explaining = scorer.score("知識と賢さは違うものです。知識は情報の量ですが、賢さはそれをどう使うかです。")
-    # Both are polite (rubric level 1); asking keeps a trace of Socrates' voice.
-    assert explaining.tone <= 0.5 and asking.tone >= explaining.tone + 0.3 and asking.tone <= 1.5
+    # Both are polite (rubric level 1); asking keeps a trace of Socrates' voice. Since v3 both
+    # may sit at 0: the external judge rates polite replies alike, asking or not (issue 29).
+    assert explaining.tone <= 0.5 and asking.tone >= explaining.tone and asking.tone <= 1.5
 
 
 @pytest.mark.parametrize("text", [",,,,,,,,,,,ない,ない,ない,ない,ない,ない,ない", "66666666666666嘘ら嘘ら嘘ら嘘ら嘘ら",

@@ -31,12 +31,26 @@ def test_default_run_learns_loss_and_style(default_run):
                 "style_score_final", "style_score_best", "style_score_best_step", "peak_rss_mb", "peak_gpu_mb",
                 "hardware"):
         assert key in summary, key
-    assert summary["finished"] and summary["global_step"] == summary["total_steps"]
+    assert summary["finished"] and summary["global_step"] <= summary["total_steps"]
     assert summary["eval_loss_final"] < summary["eval_loss_initial"]
     assert summary["style_score_final"] > summary["style_score_initial"]
     assert summary["peak_gpu_mb"] is None and summary["peak_rss_mb"] > 0
     assert summary["sample_reply"]["reply"]
     assert set(summary["style_final"]) == {"tone", "approach", "format", "logic", "overall"}
+
+
+def test_default_run_stops_early_and_keeps_a_late_step(default_run):
+    """The tiny preset's early stopping (patience 1 on best style): the run ends at the first
+    evaluation that does not beat the best, before its planned last step, and the step it keeps is
+    in the last third of what it trained, so little of the run's time buys nothing."""
+    summary = json.loads((default_run / "training_summary.json").read_text())
+    stopped = summary["stopped_early"]
+    assert stopped is not None and stopped["by"] == "best_style" and stopped["patience"] == 1
+    assert summary["global_step"] == stopped["step"] < summary["total_steps"]
+    assert summary["selected"]["step"] == stopped["best_step"] >= 2 / 3 * summary["global_step"]
+    with (default_run / "metrics.csv").open(encoding="utf-8") as handle:
+        evals = [int(r["step"]) for r in csv.DictReader(handle) if r["eval_loss"]]
+    assert evals[-2:] == [stopped["best_step"], stopped["step"]]  # one evaluation past the best, then the end
 
 
 def test_evaluation_time_is_recorded_per_evaluation_and_summed(default_run):

@@ -19,13 +19,15 @@ data/        layer 1: from files to training text
   template.py     chat templating and label masks: which tokens are trained
   packing.py      padding-free batching
 
-style/       layer 1: the style scorer and its YAML profiles (profile, scorer, calibrate)
+style/       layer 1: the style scorer and its YAML profiles: profile, morphology, one module per
+             axis or measurement family (format, tone, approach, logic, grammar), scorer, calibrate
 
 model/       layer 2: models (torch and transformers loaded when called)
   modeling.py     base models, 4-bit quantization, LoRA, loading a run for inference
   tiny.py         the built-in offline tiny model
   memory.py       process and accelerator memory
   export.py       the adapter merged into its base: transformers folder, GGUF
+  modelfile.py    the Ollama Modelfile beside a GGUF: the chat template in Go, stops, sampling
 
 generation/  layer 2: replies from a model
   generate.py     reply generation (batched, streamed), sampling settings, stop strings

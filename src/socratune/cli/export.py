@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..core.errors import ConfigError
+from .common import quote
 
 NAME = "export"
 SUMMARY = "merge the adapter into the base: transformers directory and/or GGUF"
@@ -21,12 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..generation.generate import GenParams
     from ..model.export import export
+    from ..model.modelfile import ollama_parameters
 
     if not args.merged and not args.gguf:
         raise ConfigError("nothing to export: give --merged OUT_DIR and/or --gguf OUT.gguf")
+    serve_defaults = GenParams()  # what `socratune serve` answers with, so Ollama answers alike
     result = export(args.run_dir, merged_dir=args.merged, gguf_path=args.gguf, checkpoint=args.checkpoint,
-                    force=args.force)
+                    force=args.force, ollama_parameters=ollama_parameters(
+                        serve_defaults.max_new_tokens, serve_defaults.temperature, serve_defaults.top_p,
+                        serve_defaults.repetition_penalty))
     for note in result.notes:
         print(note)
     if result.merged_dir:
@@ -34,4 +41,7 @@ def run(args: argparse.Namespace) -> int:
               f"AutoModelForCausalLM.from_pretrained({str(result.merged_dir)!r})")
     if result.gguf_path:
         print(f"GGUF ({result.gguf_type}) written to {result.gguf_path}")
+    if result.modelfile:
+        print(f"Ollama Modelfile written to {result.modelfile}; use it with: "
+              f"ollama create {quote(Path(args.run_dir).resolve().name)} -f {quote(str(result.modelfile))}")
     return 0

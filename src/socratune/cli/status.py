@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, ensure_ascii=False, indent=2))
         return 0
-    print(f"{status['run_dir']}: {status['state']}, step {status['step']} of {status['total_steps'] or '?'}")
+    early = f" (stopped early at step {status['stopped_early']['step']})" if status["stopped_early"] else ""
+    print(f"{status['run_dir']}: {status['state']}, step {status['step']} of {status['total_steps'] or '?'}{early}")
     print(f"last valid checkpoint: {status['last_valid_checkpoint'] or 'none'}")
     for bad in status["invalid_checkpoints"]:
         print(f"invalid checkpoint {bad['path']}: {bad['reason']}")

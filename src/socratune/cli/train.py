@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.selection import describe_selection
+    from ..training.selection import describe_end, describe_selection
     from ..training.train import train
 
     if args.delete_old and not args.overwrite:
@@ -65,13 +65,14 @@ def run(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(note)
     if result.already_finished:
+        early = ", stopped early" if result.summary.get("stopped_early") else ""
         print(f"{run} is already finished ({result.summary.get('global_step')} of "
-              f"{result.summary.get('total_steps')} steps); nothing to do.")
+              f"{result.summary.get('total_steps')} steps{early}); nothing to do.")
     else:
         s = result.summary
         print(f"eval loss {s['eval_loss_initial']} -> {s['eval_loss_final']}; "
               f"style score {s['style_score_initial']} -> {s['style_score_final']} (0-4)")
-        for line in describe_selection(s):
+        for line in filter(None, [describe_end(s), *describe_selection(s)]):
             print(line)
         if s.get("method") in ("dpo", "orpo"):
             print(f"{s['method']}: eval reward margin {s.get('reward_margin_final')}, "

@@ -302,15 +302,15 @@ class RunDir:
         return self.read_json(SUMMARY)
 
     def is_finished(self) -> bool:
-        """Finished = final adapter saved, the summary records every planned step done, and no
-        longer run has been started since (a finished run continued for more epochs and then
-        interrupted keeps its old summary until the new one replaces it)."""
+        """Finished = final adapter saved, the summary records every planned step done (or an
+        early stop), and no longer run has been started since (a finished run continued for more
+        epochs and then interrupted keeps its old summary until the new one replaces it)."""
         summary = self.summary()
         planned = self._planned_epochs()
         return bool(
             summary
             and summary.get("finished")
-            and summary.get("global_step") == summary.get("total_steps")
+            and (summary.get("global_step") == summary.get("total_steps") or summary.get("stopped_early"))
             and summary.get("epochs", planned) >= planned
             and (self.adapter_dir / "adapter_config.json").exists()
         )
@@ -465,6 +465,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
         "state": label,
         "step": (summary or {}).get("global_step", (state or {}).get("global_step", 0)),
         "total_steps": (summary or {}).get("total_steps", (state or {}).get("max_steps")),
+        "stopped_early": (summary or {}).get("stopped_early"),
         "last_valid_checkpoint": str(latest) if latest else None,
         "invalid_checkpoints": [{"path": str(p), "reason": why} for p, why in invalid],
         "best_eval_loss": best("eval_loss", lowest=True),

@@ -49,13 +49,16 @@ def supports_system_role(tokenizer: Any) -> bool:
     return marker in rendered
 
 
+SYSTEM_FOLD_SEPARATOR = "\n\n"  # between a folded system prompt and the first user turn
+
+
 def chat_messages(messages: list[dict[str, str]], fold_system: bool) -> list[dict[str, str]]:
     """Messages ready for the template; a leading system message is folded into the first user
     turn when the template has no system role, so its text is kept, not dropped."""
     if not (fold_system and messages and messages[0]["role"] == "system"):
         return [dict(m) for m in messages]
     system, first_user, *rest = messages
-    merged = {"role": "user", "content": f"{system['content']}\n\n{first_user['content']}"}
+    merged = {"role": "user", "content": system["content"] + SYSTEM_FOLD_SEPARATOR + first_user["content"]}
     return [merged, *(dict(m) for m in rest)]
 
 

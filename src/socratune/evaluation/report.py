@@ -12,11 +12,10 @@ A record is ``{"model", "prompt_id", "turn", "user", "reply", "scores": {key: 0-
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..core.scores import AXES, OVERALL, SCORE_KEYS
+from ..core.scores import AXES, OVERALL, REPEATED_REPLY_SHARE, SCORE_KEYS, reply_variety
 from ..training.plots import mark_step, save_figure
 
 # File names inside RUN/evaluation.
@@ -27,9 +26,6 @@ MEANS_PNG, PROGRESSION_PNG, DISTRIBUTIONS_PNG, AGREEMENT_PNG = (
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 ALPHA = 0.05  # significance level of "tuned beats base"
-# Share of a model's replies taken by its most common one above which the report warns: a model
-# tuned on a reward may learn one reply the scorer likes and give it to every prompt.
-REPEATED_REPLY_SHARE = 0.1
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -131,11 +127,9 @@ def variety(records: list[dict], model: str) -> dict[str, Any]:
     """How many of ``model``'s replies differ (ignoring surrounding white space), and its most
     common reply with its count: a high score earned by one reply for every prompt is a reward
     hacked, not a better model."""
-    counts = Counter(r["reply"].strip() for r in records if r["model"] == model)
-    total = sum(counts.values())
-    top, top_count = counts.most_common(1)[0] if counts else ("", 0)
-    return {"replies": total, "distinct": len(counts), "most_common": top, "most_common_count": top_count,
-            "most_common_share": top_count / total if total else 0.0}
+    found = reply_variety([r["reply"] for r in records if r["model"] == model])
+    return {"replies": found.replies, "distinct": found.distinct, "most_common": found.most_common,
+            "most_common_count": found.most_common_count, "most_common_share": found.most_common_share}
 
 
 def repeated_reply_warnings(stats: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """``socratune export``: the adapter merged into its base, as a transformers model and/or a GGUF file.
 
     socratune export runs/tiny --merged exports/tiny          # AutoModelForCausalLM.from_pretrained loads it
-    socratune export runs/tiny --gguf exports/tiny.gguf       # llama.cpp / Ollama
+    socratune export runs/tiny --gguf exports/tiny.gguf       # llama.cpp, and exports/tiny.Modelfile for Ollama
     socratune export runs/gemma --merged exports/gemma --checkpoint checkpoint-400
 
 The merge happens on the CPU with PEFT's ``merge_and_unload`` on the base loaded unquantized: in
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError, ModelError
-from ..core.rundir import replace_dir_atomic, temp_dir, temp_file
+from ..core.rundir import replace_dir_atomic, temp_dir, temp_file, write_text_atomic
 from .modeling import (
     RunModel,
     load_adapter_for_inference,
@@ -46,6 +46,7 @@ class ExportResult:
     gguf_path: Path | None
     dtype: str  # of the merged weights, e.g. "float32"
     gguf_type: str | None  # of the GGUF's 2-D weights, e.g. "F32"
+    modelfile: Path | None = None  # the Ollama Modelfile beside the GGUF
     notes: list[str] = field(default_factory=list)  # what the user should know about how it was done
 
 
@@ -279,8 +280,10 @@ def _add_tokenizer(writer: Any, model: Any, tokenizer: Any) -> None:
 
 
 def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path: str | Path | None = None,
-           checkpoint: str | None = None, force: bool = False) -> ExportResult:
-    """Merge a run's adapter into its base and write what is asked: a transformers directory, a GGUF file, or both."""
+           checkpoint: str | None = None, force: bool = False,
+           ollama_parameters: dict[str, float | int] | None = None) -> ExportResult:
+    """Merge a run's adapter into its base and write what is asked: a transformers directory, a GGUF file, or both;
+    beside a GGUF, an Ollama Modelfile with ``ollama_parameters`` (``modelfile.ollama_parameters``) as its defaults."""
     merged_target = Path(merged_dir) if merged_dir else None
     gguf_target = Path(gguf_path) if gguf_path else None
     if merged_target is None and gguf_target is None:
@@ -298,6 +301,7 @@ def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path
         _check_target(merged_target, force, "--merged")
     if gguf_target:
         _check_target(gguf_target, force, "--gguf")
+        _check_target(modelfile_path(gguf_target), force, "--gguf")
     resolved = resolve_run_model(run_path, checkpoint)
     # What the export reads: a local base (the tiny one lies in the run directory, checked above) and
     # the adapter, which --checkpoint may take from outside the run.
@@ -321,4 +325,30 @@ def export(run_path: str | Path, merged_dir: str | Path | None = None, gguf_path
     if merged_target:
         save_merged(model, tokenizer, merged_target)
     gguf_type = write_gguf(model, tokenizer, gguf_target, Path(run_path).resolve().name) if gguf_target else None
-    return ExportResult(merged_target, gguf_target, str(model.dtype).removeprefix("torch."), gguf_type, notes)
+    modelfile = None
+    if gguf_target:
+        try:
+            modelfile = write_modelfile(gguf_target, tokenizer, model.generation_config, ollama_parameters or {})
+        except ConfigError as exc:  # the GGUF is good without one; say why there is none
+            notes.append(str(exc))
+    return ExportResult(merged_target, gguf_target, str(model.dtype).removeprefix("torch."), gguf_type, modelfile,
+                        notes)
+
+
+def modelfile_path(gguf_path: Path) -> Path:
+    """``exports/tiny.gguf`` -> ``exports/tiny.Modelfile``."""
+    return gguf_path.with_suffix(".Modelfile")
+
+
+def write_modelfile(gguf_path: Path, tokenizer: Any, generation_config: Any,
+                    parameters: dict[str, float | int]) -> Path:
+    """The Ollama Modelfile beside the GGUF (modelfile.py): the run's template, stops and the
+    sampling ``parameters``. Raises ConfigError when the template has no fixed shape."""
+    from .modelfile import modelfile_text, stop_strings, turn_wrappers
+
+    probe = tokenizer("a")["input_ids"]  # as _add_tokenizer records it: does the tokenizer add BOS itself
+    text = modelfile_text(gguf_path, turn_wrappers(tokenizer), stop_strings(tokenizer, generation_config),
+                          parameters, adds_bos=bool(probe) and probe[0] == tokenizer.bos_token_id)
+    path = modelfile_path(gguf_path)
+    write_text_atomic(path, text)
+    return path

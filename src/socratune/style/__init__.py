@@ -1,5 +1,7 @@
-"""Style scoring for a persona: profile schema (``profile``), scorer (``scorer``) and fitting
-the scorer's combination weights to judge ratings (``calibrate``).
+"""Style scoring for a persona: profile schema (``profile``), the measurements of each axis
+(``morphology`` shared by all; ``format``, ``tone``, ``approach``, ``logic`` and ``grammar``),
+the scorer that combines them (``scorer``) and fitting its combination weights to judge
+ratings (``calibrate``).
 
 Callers import from here (``from socratune.style import StyleScorer``); the names below are the
 package's public API. Importing it loads neither torch nor the Sudachi dictionary.

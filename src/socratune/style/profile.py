@@ -44,12 +44,15 @@ FEATURES: dict[str, dict[str, int]] = {
         "best_ending": +1,  # credit of the most Socratic sentence ending
         "address": +1,  # addresses the user as 君 / 友よ
         "asks": +1,  # share of sentences that ask: questioning is part of the voice
+        "in_character_question": +1,  # share of the asking sentences whose ending is held Socratic speech
         "polite": -1,  # share of the text in polite (です/ます) sentences
+        "acknowledgement": -1,  # a bare acknowledgement: no content word and no question (なるほど。)
         "not_japanese": -1,  # share of letters that are not Japanese, or junk
         "degenerate": -1,  # loops, stutter, unknown words, broken grammar
     },
     "approach": {
         "asks": +1,  # at least one sentence asks
+        "marked_question": +1,  # at least one question closed by a question mark (？), not by 。
         "question_share": +1,  # share of sentences that ask (full at one in two)
         "ends_with_question": +1,
         "content_question": +1,  # a question names a content word (幸福とは何かね)
@@ -72,7 +75,11 @@ FEATURES: dict[str, dict[str, int]] = {
         "stray_symbol": -1,  # symbols a Japanese reply does not use (full at four)
         "odd_space": -1,  # runs of spaces inside the text (full at two)
         "odd_line_break": -1,  # mid-sentence, blank runs or a literal \n (full at two)
-        "wrapped": -1,  # the whole reply wrapped in 「…」 or {{…}}
+        "wrapped": -1,  # the whole reply wrapped in 「…」 (quotes only since v3; braces are "braces")
+        "braces": -1,  # a {{…}} template wrapper or stray braces (full at one)
+        "latin_in_word": -1,  # Latin letters right inside a Japanese word (考えmasu; full at one)
+        "english_in_sentence": -1,  # an English word inside a Japanese sentence (難しい indeed。; full at one)
+        "split_ending": -1,  # a sentence ending on a line of its own after a line break (⏎かね？; full at one)
         "not_japanese": -1,  # share of letters that are not Japanese, or junk
     },
     "logic": {
@@ -86,9 +93,14 @@ FEATURES: dict[str, dict[str, int]] = {
         "no_predicate": -1,  # no verb, adjective, copula or final particle
         "says_nothing": -1,  # not one content word (a noun, verb, adjective beyond the stop lemmas)
         "off_topic": -1,  # takes up none of the prompt's content words
+        "off_prompt": -1,  # share of the reply's content words that are the prompt's, below logic.fit_wanted
         "echo": -1,  # says the user's message back
     },
 }
+
+# Points towards logic.degenerate_at per sign of non-language (the v2 shipped logic weights).
+DEGENERATE_COSTS = {"unknown_words": 3.0, "garbled": 3.0, "broken_grammar": 2.0, "repetition": 3.0, "stutter": 2.0,
+                    "no_predicate": 1.0, "echo": 3.0}
 
 # --- profile schema --------------------------------------------------------------------------
 
@@ -173,7 +185,23 @@ class LogicRules(_Strict):
     stop_lemmas: list[str]
     overlap_wanted: int = Field(ge=0)
     echo_from: float = Field(ge=0, lt=1)
+    fit_wanted: float = Field(0.1, gt=0, le=1, description="share of the reply's content words taken from the "
+                              "prompt at which it fits the prompt (off_prompt is 0 from here)")
     degenerate_at: float = Field(gt=0, description="logic points lost at which text is fully degenerate")
+    # What each sign of non-language costs towards degenerate_at. Fixed here, apart from the logic
+    # weights in `combine`, so that degenerate is a measurement: refitting logic (calibrate) does not
+    # change what tone and approach read. Left out, the v2 shipped logic weights are used.
+    degenerate_costs: dict[str, Points] = Field(
+        default_factory=lambda: dict(DEGENERATE_COSTS),
+        description="logic features and the points each costs towards degenerate_at")
+
+    @field_validator("degenerate_costs")
+    @classmethod
+    def _logic_features_only(cls, costs: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(costs) - set(FEATURES["logic"]))
+        if unknown:
+            raise ValueError(f"unknown logic feature(s) {', '.join(unknown)}; allowed: {', '.join(FEATURES['logic'])}")
+        return costs
 
 
 class AxisModel(_Strict):
@@ -228,7 +256,7 @@ class Calibration(_Strict):
     cv_spearman: dict[str, float | None]  # calibrated: mean rho over held-out folds
     uncalibrated_cv_spearman: dict[str, float | None]  # the starting profile on the same folds
     uncalibrated_spearman: dict[str, float | None]  # the starting profile on all rows
-    kept_axes: list[str] = []  # axes that kept the starting weights (no better held out, or too few ratings)
+    kept_axes: list[str] = []  # axes that kept the starting weights (worse held out, or too few ratings)
     base_profile: str
 
 

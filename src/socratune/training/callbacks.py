@@ -1,5 +1,6 @@
 """Trainer callbacks: style of generated replies, the training monitor, checkpoint manifests and
-rotation, checkpoints at the best step (``train.select``), and stopping cleanly on a signal.
+rotation, checkpoints at the best step (``train.select``), early stopping, and stopping cleanly on
+a signal.
 
 They extend the transformers ``Trainer`` through its callback API only. Evaluation metrics are
 logged by the Trainer *before* ``on_evaluate`` runs, so the style callback adds its
@@ -23,15 +24,16 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..core.rundir import CHECKPOINT_PREFIX, MANIFEST, checkpoint_step, write_manifest
-from ..core.scores import SCORE_KEYS, style_metric
+from ..core.scores import SCORE_KEYS, Variety, reply_variety, style_metric
 from ..generation.generate import GenParams, generate_replies
 from ..model.memory import release_memory, resource_usage
 from ..style import StyleScorer, summarize
 from .distributed import SINGLE_PROCESS, Ranks
-from .selection import best_evaluation, is_new_best
+from .selection import EarlyStop, best_evaluation, early_stop, is_new_best
 
 logger = logging.getLogger("socratune")
 STYLE_RUNTIME = "eval_style_runtime"  # seconds spent generating and scoring, beside HF's eval_runtime
+REPEATED_SHARE = "eval_style_repeated_share"  # share of the monitored prompts given the most common reply
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
     *(style_metric(key) for key in SCORE_KEYS),
@@ -74,12 +76,29 @@ class StyleCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.last_replies = replies
+        variety = reply_variety(replies)
+        warn_if_collapsing(variety, state.global_step, state.log_history)
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
         style = {style_metric(key): round(means[key], 4) for key in SCORE_KEYS}
+        style[REPEATED_SHARE] = round(variety.most_common_share, 4)
         style[STYLE_RUNTIME] = round(time.perf_counter() - started, 3)
         metrics.update(style)
         if state.log_history and "eval_loss" in state.log_history[-1]:
             state.log_history[-1].update(style)
+
+
+def warn_if_collapsing(variety: Variety, step: int, log_history: list[dict[str, Any]]) -> None:
+    """The collapse guard: warn when one reply answers more than ``REPEATED_REPLY_SHARE`` of the
+    monitored prompts, and more of them than when the run started (step 0 in the log history: a
+    preference run starts from a supervised model that varies its replies; a tiny model trained
+    from random weights repeats itself at first, and that is not a collapse). The sign of a model
+    that found one reply the scorer likes instead of answering each prompt."""
+    start = next((e.get(REPEATED_SHARE) for e in log_history if e.get("step") == 0 and REPEATED_SHARE in e), None)
+    if step > 0 and variety.repeats_itself() and (start is None or variety.most_common_share > start):
+        logger.warning("step %d: one reply answers %d of the %d monitored prompts (%.0f%%): 「%s」; the model is "
+                       "collapsing onto a reply that fits any prompt (a preference run: fewer epochs, a lower "
+                       "learning rate or a larger prefs.beta)", step, variety.most_common_count, variety.replies,
+                       100 * variety.most_common_share, variety.most_common[:60])
 
 
 class CheckpointCallback(TrainerCallback):
@@ -138,6 +157,34 @@ class BestCheckpointCallback(TrainerCallback):
         new_best = state.is_world_process_zero and is_new_best(state.log_history, self.select, state.global_step)
         if self.ranks.any_flag(new_best):
             control.should_save = True
+
+
+class EarlyStopCallback(TrainerCallback):
+    """End training at the evaluation that makes ``patience`` in a row without a new best by
+    ``select`` (``selection.early_stop``). Placed after the style callback, whose numbers it may
+    watch; only the main process has them, so the decision is shared.
+
+    The stopping step gets no checkpoint of its own: the step the run keeps is the best one, which
+    has a checkpoint already (``BestCheckpointCallback``). So a run killed after stopping but before
+    its summary is written resumes from an earlier checkpoint, and its log history makes it stop
+    at the same step again; a checkpoint at the stopping step would resume into steps the
+    uninterrupted run never trained.
+    """
+
+    def __init__(self, select: str, patience: int, ranks: Ranks = SINGLE_PROCESS):
+        self.select = select
+        self.patience = patience
+        self.ranks = ranks
+        self.stopped: EarlyStop | None = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.global_step == 0 or state.global_step >= state.max_steps:
+            return
+        decision = early_stop(state.log_history, self.select, self.patience) if state.is_world_process_zero else None
+        if self.ranks.any_flag(decision is not None and decision.step == state.global_step):
+            self.stopped = decision
+            control.should_training_stop = True
+            control.should_save = False
 
 
 class StopOnSignal(TrainerCallback):

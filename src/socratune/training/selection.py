@@ -8,6 +8,11 @@ in the Trainer's log history (which ``trainer_state.json`` keeps, so resumes see
   the mean over only ``style.eval_samples`` generated replies: noisy, especially on ``tiny``.
 * ``last``: the weights at the last step, as before selection existed.
 
+Early stopping (``train.early_stopping_patience``) watches the same metric: the run ends at the
+evaluation that makes ``patience`` evaluations in a row without a new best. It is decided from
+the log history alone, like selection, so a resumed run reaches the same decision at the same
+step as an uninterrupted one.
+
 Step 0 (the untuned base, evaluated before the first optimizer step) is never selected: it has
 no adapter to save. Only steps that still have a checkpoint on disk, or the last step (its
 weights are in memory), can be chosen; ``BestCheckpointCallback`` (callbacks.py) saves a
@@ -80,6 +85,48 @@ def select_step(log_history: list[dict[str, Any]], by: str, last_step: int,
     chosen = best if best is not None else at_step.get(last_step, {"step": last_step})
     return Selected(step=chosen["step"], by=by if best is not None else "last",
                     eval_loss=chosen.get("eval_loss"), style_overall=chosen.get(style_metric(OVERALL)))
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Why a run ended before its last planned step (``training_summary.json["stopped_early"]``)."""
+
+    step: int  # the evaluation that ended the run
+    best_step: int  # the best evaluation by ``by`` before it
+    patience: int
+    by: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def early_stop(log_history: list[dict[str, Any]], by: str, patience: int | None) -> EarlyStop | None:
+    """An EarlyStop when the latest evaluation is the ``patience``-th in a row after the best one by
+    ``by`` (trained steps only: step 0 is never a best); None while the run should go on, or when
+    ``by`` names no metric or no patience is set."""
+    if patience is None or by not in SELECTION_METRIC:
+        return None
+    metric = SELECTION_METRIC[by][0]
+    measured = [e["step"] for e in evaluations(log_history) if e["step"] > 0 and e.get(metric) is not None]
+    best = best_evaluation(log_history, by)
+    if best is None or not measured:
+        return None
+    since_best = sum(step > best["step"] for step in measured)
+    if since_best < patience:
+        return None
+    return EarlyStop(step=measured[-1], best_step=best["step"], patience=patience, by=by)
+
+
+def describe_end(summary: dict[str, Any]) -> str | None:
+    """The closing line that says why the run ended, when it ended before its planned last step."""
+    stopped = summary.get("stopped_early")
+    if not stopped:
+        return None
+    metric = "eval loss" if stopped["by"] == "best_eval_loss" else "style score"
+    times = "evaluation" if stopped["patience"] == 1 else "evaluations"
+    return (f"stopped early at step {stopped['step']} of {summary.get('total_steps')}: the {metric} had not "
+            f"improved on step {stopped['best_step']}'s for {stopped['patience']} {times} "
+            f"(train.early_stopping_patience: {stopped['patience']})")
 
 
 def last_is_clearly_worse(summary: dict[str, Any]) -> bool:

@@ -60,6 +60,7 @@ from ..style import StyleScorer, load_profile
 from .callbacks import (
     BestCheckpointCallback,
     CheckpointCallback,
+    EarlyStopCallback,
     StopOnSignal,
     StyleCallback,
     TrainingMonitorCallback,
@@ -86,7 +87,7 @@ from .preference import (
 )
 from .progress import ProgressCallback
 from .resume import StartPlan, move_aside, plan_start, prepare_resume, record_start, start_guard
-from .selection import Selected, select_step
+from .selection import EarlyStop, Selected, early_stop, select_step
 
 if TYPE_CHECKING:
     import torch
@@ -277,7 +278,7 @@ def build_model(job: FitJob) -> BuiltModel:
 
 def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]:
     """5. The method's Trainer over the job's data, with the style, monitor, best-step,
-    checkpoint and signal callbacks every method shares."""
+    checkpoint, early-stopping and signal callbacks every method shares."""
     config, run, ranks = job.config, job.run, job.ranks
     select = job.method.selection(config)
     scorer = StyleScorer(load_profile(config.style.profile))
@@ -294,17 +295,41 @@ def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]
         stop,
         ProgressCallback(),
     ]
+    patience = early_stopping_patience(job)
+    if patience is not None:
+        callbacks.insert(-2, EarlyStopCallback(select, patience, ranks))
+    elif config.train.early_stopping_patience is not None and ranks.is_main:
+        logger.info("train.early_stopping_patience is not used by %s: a preference run keeps its last step",
+                    config.train.method)
     return job.method.make_trainer(job, built, callbacks), stop
+
+
+def early_stopping_patience(job: FitJob) -> int | None:
+    """``train.early_stopping_patience`` where the method selects by a metric; a preference run
+    keeps its last step, so nothing can tell it when to stop (docs/selection.md)."""
+    patience = job.config.train.early_stopping_patience
+    return None if job.method.selection(job.config) == "last" else patience
+
+
+def stopped_early(job: FitJob, trainer: Trainer) -> EarlyStop | None:
+    """Why the run ended before its last planned step, read from the log history as
+    ``EarlyStopCallback`` decided it (the same pure rule), else None."""
+    state = trainer.state
+    decision = early_stop(state.log_history, job.method.selection(job.config), early_stopping_patience(job))
+    return decision if decision is not None and decision.step == state.global_step < state.max_steps else None
 
 
 def fit(job: FitJob, trainer: Trainer, stop: StopOnSignal) -> None:
     """6. Train, from the resume checkpoint when there is one; SIGTERM/SIGINT end it early with a
-    checkpoint at the step reached (raises TrainingInterrupted)."""
+    checkpoint at the step reached (raises TrainingInterrupted), unless early stopping ended the
+    run at that very step: then it is finished."""
     try:
         trainer.train(resume_from_checkpoint=str(job.resume) if job.resume else None)
     finally:
         stop.restore()
-    if stop.received is not None:
+    if stop.received is not None and stopped_early(job, trainer) is not None:
+        logger.warning("received %s as early stopping ended the run: finishing it", signal.Signals(stop.received).name)
+    elif stop.received is not None:
         raise TrainingInterrupted(f"training stopped by {signal.Signals(stop.received).name} at step "
                                   f"{trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved",
                                   stop.received, str(job.run.path), trainer.state.global_step)
@@ -333,6 +358,9 @@ def save_bundle(job: FitJob, built: BuiltModel, trainer: Trainer,
     summary = summarize_run(state, run / METRICS, built.hardware, time.perf_counter() - job.started)
     summary["epochs"] = config.train.epochs
     summary["selected"] = selected.as_dict()
+    ended = stopped_early(job, trainer)
+    summary["stopped_early"] = ended.as_dict() if ended else None
+    summary["finished"] = summary["finished"] or ended is not None
     summary.update(job.method.summary(config, trainer))
     write_json_atomic(run / TRAINING_CONFIG, training_record(config, built.source, trainer, job.data.record,
                                                              built.hardware))
