@@ -341,12 +341,12 @@ def _profile_inputs(folder: Path) -> dict[str, str]:
         "profile huge key": _write(folder, "hugekey.yaml", "k" * 100_000 + ": 1\n"),
         "profile not YAML": _write(folder, "broken.yaml", "name: [unclosed\n"),
         "profile empty": _write(folder, "empty.yaml", ""),
-        "profile NaN weight": _write(folder, "nanweight.yaml", _shipped_profile_with("asks: 0.3", "asks: .nan")),
+        "profile NaN weight": _write(folder, "nanweight.yaml", _shipped_profile_with("asks: 0.5", "asks: .nan")),
         "profile infinite overall weight": _write(folder, "infweight.yaml",
                                                   _shipped_profile_with("tone: 0.3", "tone: .inf")),
-        "profile huge weight": _write(folder, "hugeweight.yaml", _shipped_profile_with("asks: 0.3", "asks: 1e999")),
+        "profile huge weight": _write(folder, "hugeweight.yaml", _shipped_profile_with("asks: 0.5", "asks: 1e999")),
         "profile unknown feature of thousands of characters": _write(
-            folder, "hugefeature.yaml", _shipped_profile_with("asks: 0.3", "k" * 50_000 + ": 0.3")),
+            folder, "hugefeature.yaml", _shipped_profile_with("asks: 0.5", "k" * 50_000 + ": 0.3")),
     }
     return inputs | _not_regular_files(folder, "profile-dir.yaml", ".yaml", label="profile ")
 

@@ -36,16 +36,17 @@ def write_lines(path: Path, items: list) -> Path:
 
 def test_the_collapse_guard_warns_when_one_reply_answers_the_monitored_prompts(monkeypatch, caplog):
     """A model that gives most monitored prompts the same reply (what DPO found in issue 27) is
-    named in a warning at a trained evaluation when it varied its replies at the start; varied
-    replies are not, nor a run that repeated itself from the start (a tiny model from random
-    weights), and the share is in the log history for resumes."""
+    named in a warning at a trained evaluation of a preference run when it varied its replies at
+    the start; varied replies are not, nor a run that repeated itself from the start, nor a
+    supervised run; the share is in the log history for resumes."""
     from types import SimpleNamespace
 
     from socratune.style import StyleScorer, load_profile
     from socratune.training import callbacks
 
     prompts = [[{"role": "user", "content": f"問い{i}ですか？"}] for i in range(8)]
-    monitor = callbacks.StyleCallback(prompts, StyleScorer(load_profile("socrates")), max_new_tokens=8)
+    monitor = callbacks.StyleCallback(prompts, StyleScorer(load_profile("socrates")), max_new_tokens=8,
+                                      collapse_guard=True)  # as train() builds it for a preference run
     alike = ["君はどう思うのかね？"] * 6 + ["では、正義とは何かね？", "なぜかね？"]
     varied = [f"{i}とは何かね？" for i in range(8)]
 
@@ -67,6 +68,10 @@ def test_the_collapse_guard_warns_when_one_reply_answers_the_monitored_prompts(m
     repeating_from_the_start: list[dict] = []
     assert evaluate(alike, 0, repeating_from_the_start) == []  # the base: never warned about
     assert evaluate(alike, 20, repeating_from_the_start) == []  # no worse than it started
+    monitor.collapse_guard = False  # a supervised run: the share is logged, nothing is warned
+    supervised: list[dict] = []
+    assert evaluate(varied, 0, supervised) == [] and evaluate(alike, 20, supervised) == []
+    assert supervised[-1]["eval_style_repeated_share"] == 0.75
 
 
 # --- the pairs file -------------------------------------------------------------------------------

@@ -55,11 +55,15 @@ class StyleCallback(TrainerCallback):
 
     The main process generates alone, except when the model is ``sharded`` over the processes
     (FSDP, ZeRO-3): then each forward needs all of them, so all generate the same replies in step
-    and the main one scores them."""
+    and the main one scores them.
+
+    ``collapse_guard`` (preference runs) warns when the replies collapse onto one
+    (``warn_if_collapsing``); the share of the most common reply is logged at every evaluation."""
 
     def __init__(self, conversations: list[list[dict[str, str]]], scorer: StyleScorer, max_new_tokens: int,
-                 batch_size: int = 8, sharded: bool = False):
+                 batch_size: int = 8, sharded: bool = False, collapse_guard: bool = False):
         self.conversations = conversations
+        self.collapse_guard = collapse_guard
         self.sharded = sharded
         self.prompts = [c[-1]["content"] for c in conversations]
         self.scorer = scorer
@@ -77,7 +81,8 @@ class StyleCallback(TrainerCallback):
             return
         self.last_replies = replies
         variety = reply_variety(replies)
-        warn_if_collapsing(variety, state.global_step, state.log_history)
+        if self.collapse_guard:
+            warn_if_collapsing(variety, state.global_step, state.log_history)
         means = summarize([self.scorer.score(r, p) for r, p in zip(replies, self.prompts)])
         style = {style_metric(key): round(means[key], 4) for key in SCORE_KEYS}
         style[REPEATED_SHARE] = round(variety.most_common_share, 4)
@@ -89,10 +94,11 @@ class StyleCallback(TrainerCallback):
 
 def warn_if_collapsing(variety: Variety, step: int, log_history: list[dict[str, Any]]) -> None:
     """The collapse guard: warn when one reply answers more than ``REPEATED_REPLY_SHARE`` of the
-    monitored prompts, and more of them than when the run started (step 0 in the log history: a
-    preference run starts from a supervised model that varies its replies; a tiny model trained
-    from random weights repeats itself at first, and that is not a collapse). The sign of a model
-    that found one reply the scorer likes instead of answering each prompt."""
+    monitored prompts, and more of them than when the run started (step 0 in the log history, the
+    supervised model a preference run starts from). The sign of a model that found one reply the
+    reward likes instead of answering each prompt. Supervised runs do not use it: a tiny model
+    trained from random weights answers everything alike for a while on its way to answering at
+    all, and ``evaluate`` warns about a final model that repeats itself."""
     start = next((e.get(REPEATED_SHARE) for e in log_history if e.get("step") == 0 and REPEATED_SHARE in e), None)
     if step > 0 and variety.repeats_itself() and (start is None or variety.most_common_share > start):
         logger.warning("step %d: one reply answers %d of the %d monitored prompts (%.0f%%): 「%s」; the model is "

@@ -284,7 +284,7 @@ def make_trainer(job: FitJob, built: BuiltModel) -> tuple[Trainer, StopOnSignal]
     scorer = StyleScorer(load_profile(config.style.profile))
     style = StyleCallback(job.data.eval_conversations[: config.style.eval_samples], scorer,
                           config.style.max_new_tokens, config.train.eval_batch_size,
-                          sharded=built.sharded and ranks.distributed)
+                          sharded=built.sharded and ranks.distributed, collapse_guard=config.train.method != "sft")
     stop = StopOnSignal(ranks)
     # Order matters: the style numbers are added to an evaluation before the others read it.
     callbacks: list[TrainerCallback] = [
