@@ -195,3 +195,19 @@ def test_serve_takes_max_batch(capsys):
     assert build_parser().parse_args(["serve", "runs/x"]).max_batch is None  # the device's default
     assert main(["serve", "runs/does-not-exist", "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+def test_temperature_one_samples_and_the_seed_decides(tiny):
+    # temperature 1.0 needs no warper: it must still sample, not fall back to greedy
+    model, tokenizer = tiny
+    batcher = Batcher(model, tokenizer, max_batch=2)
+    ids = _ids(tokenizer, QUESTIONS[0])
+    replies = {}
+    for seed in (7, 7, 8, None):
+        pieces: list[str] = []
+        batcher.generate(ids, GenParams(max_new_tokens=16, temperature=1.0), pieces.append, seed=seed)
+        replies.setdefault(seed, []).append("".join(pieces))
+    greedy: list[str] = []
+    batcher.generate(ids, GenParams(max_new_tokens=16), greedy.append)
+    assert replies[7][0] == replies[7][1] != replies[8][0]
+    assert "".join(greedy) not in (replies[7][0], replies[8][0])

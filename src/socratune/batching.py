@@ -330,7 +330,7 @@ class Batcher:
             scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, scores)
         if row.guard is not None:
             scores = row.guard(ids, scores)
-        if not row.processors:
+        if params.temperature <= 0:
             return int(torch.argmax(scores, dim=-1)[0])
         for warper in row.processors:
             scores = warper(ids, scores)
