@@ -24,12 +24,18 @@ QUESTIONS = ["幸福とは何でしょうか？", "正義とは何か。", "勇�
 def tiny() -> tuple[Any, Any]:
     """The tiny model (random weights) under a LoRA adapter whose weights are not zero, so the
     adapter changes every reply; byte-level vocabulary, so the whole-character guard is on."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from socratune.tiny import build_tiny
 
     model, tokenizer = build_tiny(0)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the adapter's weights, the same every run
+    try:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    finally:
+        torch.random.set_rng_state(state)
     return model.eval(), tokenizer
 
 
@@ -211,3 +217,40 @@ def test_temperature_one_samples_and_the_seed_decides(tiny):
     batcher.generate(ids, GenParams(max_new_tokens=16), greedy.append)
     assert replies[7][0] == replies[7][1] != replies[8][0]
     assert "".join(greedy) not in (replies[7][0], replies[8][0])
+
+
+@pytest.mark.slow
+def test_a_client_hanging_up_mid_stream_frees_its_place_for_a_waiting_request(tiny):
+    import http.client
+    import json
+
+    from socratune.serve import ChatServer
+
+    model, tokenizer = tiny
+    engine = Engine(Slow(model, 0.1), tokenizer, "t", GenParams(max_new_tokens=8), max_batch=1)
+    server = ChatServer("127.0.0.1", 0)
+    threading.Thread(target=server.serve, args=(engine,), daemon=True).start()
+    host, port = server.server_address[:2]
+
+    def post(payload: dict[str, Any]) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "t", "messages": [{"role": "user", "content": QUESTIONS[0]}], **payload}).encode(),
+            {"Content-Type": "application/json"})
+        return connection
+
+    try:
+        streaming = post({"stream": True, "max_tokens": 200})  # 20 s at 100 ms a token
+        response = streaming.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        waiting = post({"max_tokens": 3})  # max_batch 1: it waits for the streaming row
+        time.sleep(0.5)
+        hung_up = time.monotonic()
+        streaming.close()
+        answer = waiting.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["usage"]["completion_tokens"] == 3
+        assert time.monotonic() - hung_up < 10  # not the 20 s the long reply would have taken
+        waiting.close()
+    finally:
+        server.shutdown()
+        server.server_close()
