@@ -325,7 +325,8 @@ class Batcher:
 
         params = row.request.params
         scores = logits[None]
-        ids = torch.tensor([row.ids], device=self.device)
+        # The guard and the warpers look at the last token only; the penalty at every token so far.
+        ids = torch.tensor([row.ids if params.repetition_penalty != 1.0 else row.ids[-1:]], device=self.device)
         if params.repetition_penalty != 1.0:
             scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, scores)
         if row.guard is not None:
