@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from socratune.batching import Batcher, default_max_batch
+from socratune.batching import Batcher, Request, default_max_batch
 from socratune.cli import build_parser, main
 from socratune.generate import GenParams, generate_replies, prompt_texts
 from socratune.serve import ApiError, Engine, ServeLimits
@@ -84,9 +84,18 @@ def test_batched_greedy_replies_equal_one_by_one_replies(tiny):
     alone = [generate_replies(model, tokenizer, [[{"role": "user", "content": q}]], params, batch_size=1)[0]
              for q in QUESTIONS]
     assert len(set(alone)) > 1  # different questions, different replies: a mix-up would show
+    jobs = [{"input_ids": _ids(tokenizer, q), "params": params} for q in QUESTIONS]
     batcher = Batcher(Slow(model), tokenizer, max_batch=8)
-    got = _together(batcher, [{"input_ids": _ids(tokenizer, q), "params": params} for q in QUESTIONS])
+    got = _together(batcher, jobs)  # one after another: each joins the running batch at a later step
     assert [text for text, _, _ in got] == alone
+    pieces: list[list[str]] = [[] for _ in jobs]
+    requests = [Request(job["input_ids"], params, pieces[i].append) for i, job in enumerate(jobs)]
+    with batcher._wake:  # all four wait, then join at one step: prefilled together, left-padded
+        for request in requests:
+            batcher.submit(request)
+    for request in requests:
+        assert request.done.wait(120) and request.error is None
+    assert ["".join(p) for p in pieces] == alone
     assert all("\ufffd" not in text for text in alone)  # the whole-character guard is on, batched too
     assert batcher.widest >= 2  # they really shared forward passes
 

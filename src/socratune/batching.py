@@ -1,9 +1,9 @@
 """Continuous batching for ``socratune serve``: the replies of requests that arrive together are
 decoded together, one forward pass per token for all of them.
 
-One thread (``Batcher``'s) owns the model. Requests wait in its queue; at every step it takes
-what waits (up to ``max_batch`` rows in all), prefills each newcomer alone, then decodes one
-token for every row with one forward over the batch's KV cache. Rows keep their own sampling
+One thread (``Batcher``'s) owns the model. Requests wait in its queue; at every step it decodes
+one token for every row with one forward over the batch's KV cache, then takes what waits (up
+to ``max_batch`` rows in all) and prefills the newcomers together in one more forward. Rows keep their own sampling
 settings (temperature, top_p, repetition penalty), seed, ``stop`` strings, ``max_tokens``, time
 limit and stream; a row leaves the batch as soon as it ends (end of turn, a stop string, its
 length, its time, or its client hanging up) and the next request waiting joins at the next
@@ -20,9 +20,10 @@ not been tested with.
 
 How the batch is laid out. Rows are left-padded: the KV cache is ``[rows, heads, columns,
 dim]`` with every row's tokens ending in the last column and an attention mask of zeros in
-front of the shorter rows. A newcomer is prefilled alone (no padding, so its prompt is read
-exactly as by ``model.generate``), then its cache is padded and stacked onto the batch's; rows
-that leave are dropped from the cache and columns that only padding uses are trimmed. Position
+front of the shorter rows. Newcomers of one step are prefilled together, left-padded as
+``generate_replies`` pads a batch (one newcomer alone is read without padding, exactly as by
+``model.generate``); their cache is then padded and stacked onto the batch's. Rows that leave
+are dropped from the cache and columns that only padding uses are trimmed. Position
 ids are each row's own, so rotary positions are what they would be alone.
 
 Same seed, same reply? Each row samples from its own ``torch.Generator``, seeded from the
@@ -142,6 +143,8 @@ class Batcher:
             eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.eos_ids = eos_ids
         self.device = model.device
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(self.eos_ids))  # masked out: any id does
         self.top_k = getattr(model.generation_config, "top_k", None)
         config = model.config.get_text_config(decoder=True)
         self.config = model.config
@@ -262,7 +265,8 @@ class Batcher:
         return width + left < self.window
 
     def _step(self, joining: list[Request]) -> None:
-        # Rows already in the batch get their next token; then newcomers are prefilled and join.
+        # Rows already in the batch get their next token; then newcomers are prefilled together
+        # (one forward, left-padded) and join.
         for row in [r for r in self._rows if r.cancelled() or self._timed_out(r)]:
             self._end(row, "length")
         self._drop_finished()
@@ -272,11 +276,10 @@ class Batcher:
         for request in joining:
             if request.cancel is not None and request.cancel.is_set():
                 self._finish(request, "length", 0)
-                continue
-            row, cache = self._prefill(request)
-            if row.request.done.is_set():
-                continue
-            self._join(row, cache)
+        joining = [r for r in joining if not r.done.is_set()]
+        if joining:
+            self._join(*self._prefill(joining))
+            self._drop_finished()
 
     def _timed_out(self, row: _Row) -> bool:
         return time.monotonic() - row.started >= self.max_generation_s
@@ -288,16 +291,29 @@ class Batcher:
                             use_cache=True, **kwargs)
         return output.logits[:, -1, :].float()
 
-    def _prefill(self, request: Request) -> tuple[_Row, Any]:
+    def _prefill(self, requests: list[Request]) -> tuple[list[_Row], Any, Any]:
+        """The rows of ``requests`` with their first token, their cache and its mask. One request
+        is read without padding, as ``model.generate`` reads it; several are left-padded."""
         import torch
         from transformers import DynamicCache
 
-        row = _Row(request, self)
-        ids = torch.tensor([request.input_ids], device=self.device)
+        rows = [_Row(request, self) for request in requests]
+        width = max(len(r.input_ids) for r in requests)
+        pad = self.pad_id
+        ids = torch.tensor([[pad] * (width - len(r.input_ids)) + r.input_ids for r in requests], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in requests],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.config)
-        logits = self._forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1], device=self.device)[None], cache)
-        self._accept(row, self._pick(row, logits[0]))
-        return row, cache
+        logits = self._forward(ids, mask, positions, cache)
+        self.steps += 1
+        self.widest = max(self.widest, len(rows))
+        for index, row in enumerate(rows):
+            try:
+                self._accept(row, self._pick(row, logits[index]))
+            except Exception as exc:  # noqa: BLE001 - one row's failure (its emit...) ends that row only
+                self._end(row, error=exc)
+        return rows, cache, mask
 
     def _decode(self) -> None:
         import torch
@@ -377,29 +393,27 @@ class Batcher:
 
         return DynamicCache(ddp_cache_data=layers, config=self.config)
 
-    def _join(self, row: _Row, cache: Any) -> None:
-        """``row`` (prefilled into ``cache``) stacked onto the batch, both left-padded to one width."""
+    def _join(self, rows: list[_Row], cache: Any, mask: Any) -> None:
+        """``rows`` (prefilled into ``cache``, padded as ``mask`` says) stacked onto the batch,
+        both left-padded to one width."""
         import torch
         import torch.nn.functional as F
 
-        width = len(row.request.input_ids)
         if not self._rows:
-            self._rows, self._cache = [row], cache
-            self._mask = torch.ones((1, width), dtype=torch.long, device=self.device)
+            self._rows, self._cache, self._mask = rows, cache, mask
             return
-        total = max(width, self._mask.shape[1])
-        pad_batch, pad_row = total - self._mask.shape[1], total - width
+        total = max(mask.shape[1], self._mask.shape[1])
+        pad_batch, pad_new = total - self._mask.shape[1], total - mask.shape[1]
 
         def left(tensor: Any, pad: int) -> Any:
             return F.pad(tensor, (0, 0, pad, 0)) if pad else tensor
 
-        layers = [(torch.cat([left(bk, pad_batch), left(rk, pad_row)]),
-                   torch.cat([left(bv, pad_batch), left(rv, pad_row)]))
-                  for (bk, bv), (rk, rv) in zip(self._layers(self._cache), self._layers(cache))]
-        mask = torch.ones((1, width), dtype=self._mask.dtype, device=self.device)
-        self._mask = torch.cat([F.pad(self._mask, (pad_batch, 0)), F.pad(mask, (pad_row, 0))])
+        layers = [(torch.cat([left(bk, pad_batch), left(nk, pad_new)]),
+                   torch.cat([left(bv, pad_batch), left(nv, pad_new)]))
+                  for (bk, bv), (nk, nv) in zip(self._layers(self._cache), self._layers(cache))]
+        self._mask = torch.cat([F.pad(self._mask, (pad_batch, 0)), F.pad(mask, (pad_new, 0))])
         self._cache = self._rebuild(layers)
-        self._rows.append(row)
+        self._rows = self._rows + rows
 
     def _drop_finished(self) -> None:
         """Rows that ended leave the cache; columns only padding still uses are cut off."""
