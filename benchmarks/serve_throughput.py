@@ -4,7 +4,9 @@ Starts ``socratune serve RUN --port 0`` as a subprocess, then at each concurrenc
 8, 16) sends ``--rounds`` x concurrency streamed requests, ``concurrency`` at a time, greedy,
 ``--max-tokens`` (64) each, and reports completion tokens/s over the wall time of the round, p50
 and p95 latency (request sent to last byte) and p50/p95 time to the first streamed token (the
-first chunk with content, not the empty role chunk). Every request must answer 200.
+first chunk with content, not the empty role chunk), and tokens per second of the server
+process's own CPU time (Linux), which a busy shared machine disturbs less than wall time.
+Every request must answer 200 (the exit status is 1 otherwise; 429s are counted as failed).
 
     python benchmarks/serve_throughput.py runs/tiny
     python benchmarks/serve_throughput.py runs/tiny --max-batch 16 --concurrency 1 8 --json out.json
@@ -82,6 +84,15 @@ def one_request(host: str, port: int, model: str, question: str, max_tokens: int
     return {"latency_s": done - sent, "ttft_s": (first or done) - sent, "tokens": tokens}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its threads so far (Linux), or nan."""
+    try:
+        fields = open(f"/proc/{pid}/stat", encoding="ascii").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -143,17 +154,22 @@ def main() -> int:
         for concurrency in args.concurrency:
             requests = max(8, args.rounds * concurrency)
             load = os.getloadavg()[0]
+            cpu = cpu_seconds(process.pid)
             row = run_round(host, port, model, concurrency, requests, args.max_tokens)
+            cpu = cpu_seconds(process.pid) - cpu
+            # Tokens per second of the server's own CPU time: steadier than wall time on a shared machine.
+            row["tokens_per_cpu_s"] = round(row["completion_tokens"] / cpu, 1) if cpu > 0 else None
             row["load_avg_1m"] = round(load, 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         process.terminate()
         process.wait(30)
-    print("\n| concurrency | requests | tokens/s | p50 latency s | p95 latency s | p50 TTFT s | p95 TTFT s | load |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("\n| concurrency | requests | tokens/s | tokens/CPU-s | p50 latency s | p95 latency s | p50 TTFT s | "
+          "p95 TTFT s | load |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} ({r['failed']} failed) | {r['tokens_per_s']} | "
+              f"{r['tokens_per_cpu_s']} | "
               f"{r['latency_p50_s']} | {r['latency_p95_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} | "
               f"{r['load_avg_1m']} |")
     if args.json:
