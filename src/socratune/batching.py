@@ -97,7 +97,7 @@ class _Row:
             self.generator.manual_seed(request.seed % 2**64)
         else:
             self.generator.seed()
-        self.guard = whole_character_processor(batcher.tokenizer)
+        self.utf8: Any = None  # where the reply stands inside a UTF-8 character (whole_chars)
         self.streamer = delta_streamer(batcher.tokenizer, request.emit, batcher.tokenizer_lock, request.stop,
                                        request.cancel)
         self.streamer.put(torch.tensor(request.input_ids))  # the streamer skips the prompt
@@ -308,9 +308,9 @@ class Batcher:
         logits = self._forward(ids, mask, positions, cache)
         self.steps += 1
         self.widest = max(self.widest, len(rows))
-        for index, row in enumerate(rows):
+        for row, token in zip(rows, self._pick(rows, logits, fresh=True)):
             try:
-                self._accept(row, self._pick(row, logits[index]))
+                self._accept(row, token)
             except Exception as exc:  # noqa: BLE001 - one row's failure (its emit...) ends that row only
                 self._end(row, error=exc)
         return rows, cache, mask
@@ -326,33 +326,46 @@ class Batcher:
         self._mask = mask
         self.steps += 1
         self.widest = max(self.widest, len(rows))
-        for index, row in enumerate(rows):
+        for row, token in zip(rows, self._pick(rows, logits, fresh=False)):
             row.position += 1
             try:
-                self._accept(row, self._pick(row, logits[index]))
+                self._accept(row, token)
             except Exception as exc:  # noqa: BLE001 - one row's failure (its emit...) ends that row only
                 self._end(row, error=exc)
 
-    def _pick(self, row: _Row, logits: Any) -> int:
-        """The next token of ``row`` from its logits: penalty, whole-character guard, then greedy
-        or sampled with the row's own generator, in ``model.generate``'s order."""
+    def _pick(self, rows: list[_Row], logits: Any, fresh: bool) -> list[int]:
+        """The next token of each row from its logits (``[rows, vocab]``): repetition penalty,
+        whole-character guard, then greedy or sampled with the row's own generator, in
+        ``model.generate``'s order. ``fresh``: the rows were just prefilled (no token of theirs
+        yet). One guard call for all rows and one device-to-host copy at the end, so that a GPU
+        waits twice a step, not twice a row."""
         import torch
         from transformers import RepetitionPenaltyLogitsProcessor
 
-        params = row.request.params
-        scores = logits[None]
-        # The guard and the warpers look at the last token only; the penalty at every token so far.
-        ids = torch.tensor([row.ids if params.repetition_penalty != 1.0 else row.ids[-1:]], device=self.device)
-        if params.repetition_penalty != 1.0:
-            scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, scores)
-        if row.guard is not None:
-            scores = row.guard(ids, scores)
-        if params.temperature <= 0:
-            return int(torch.argmax(scores, dim=-1)[0])
-        for warper in row.processors:
-            scores = warper(ids, scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
+        scores = logits
+        penalised = [i for i, row in enumerate(rows) if row.request.params.repetition_penalty != 1.0]
+        if penalised:
+            scores = scores.clone()
+            for i in penalised:
+                penalty = RepetitionPenaltyLogitsProcessor(rows[i].request.params.repetition_penalty)
+                scores[i: i + 1] = penalty(torch.tensor([rows[i].ids], device=self.device), scores[i: i + 1])
+        guard = whole_character_processor(self.tokenizer)
+        if guard is not None:
+            # The processor follows its rows' UTF-8 states from call to call; here the rows change
+            # between steps, so each row keeps its own state and lends it for the call.
+            if not fresh:
+                guard.states = [row.utf8 for row in rows]
+            scores = guard(torch.tensor([[row.ids[-1]] for row in rows]), scores)
+            for row, state in zip(rows, guard.states):
+                row.utf8 = state
+        tokens = scores.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            if row.request.params.temperature > 0:
+                sampled = scores[i: i + 1]
+                for warper in row.processors:
+                    sampled = warper(None, sampled)
+                tokens[i] = torch.multinomial(torch.softmax(sampled, dim=-1), 1, generator=row.generator)[0, 0]
+        return tokens.tolist()
 
     def _accept(self, row: _Row, token: int) -> None:
         """``token`` appended to ``row``: streamed, and the row ended where it should."""
