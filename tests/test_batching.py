@@ -263,3 +263,37 @@ def test_a_client_hanging_up_mid_stream_frees_its_place_for_a_waiting_request(ti
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [8, 200])
+def test_a_sliding_window_model_is_batched_only_inside_its_window(tiny_tokenizer, window):
+    # Gemma 2's layout (sliding and full attention layers) at toy size: beyond the window rows run
+    # alone; inside it they share the batch; the replies are model.generate's either way.
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
+
+    from socratune.tiny import END_OF_TURN
+
+    tokenizer = tiny_tokenizer
+    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=window,
+                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                          pad_token_id=tokenizer.pad_token_id, attn_implementation="eager")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = Gemma2ForCausalLM(config).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
+    params = GenParams(max_new_tokens=20)
+    alone = [generate_replies(model, tokenizer, [[{"role": "user", "content": q}]], params, batch_size=1)[0]
+             for q in QUESTIONS]
+    batcher = Batcher(model, tokenizer, max_batch=8)
+    assert batcher.window == window
+    got = _together(batcher, [{"input_ids": _ids(tokenizer, q), "params": params} for q in QUESTIONS], stagger_s=0)
+    assert [text for text, _, _ in got] == alone
+    assert (batcher.widest > 1) == (window == 200)  # the prompts alone are longer than 8 tokens
