@@ -297,3 +297,35 @@ def test_a_sliding_window_model_is_batched_only_inside_its_window(tiny_tokenizer
     got = _together(batcher, [{"input_ids": _ids(tokenizer, q), "params": params} for q in QUESTIONS], stagger_s=0)
     assert [text for text, _, _ in got] == alone
     assert (batcher.widest > 1) == (window == 200)  # the prompts alone are longer than 8 tokens
+
+
+@pytest.mark.slow
+def test_lora_on_a_4bit_base_batches_to_generates_replies(tmp_path):
+    # QLoRA's layout (bitsandbytes nf4 base, bf16 compute, LoRA on top), on CPU here.
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from socratune.tiny import save_tiny
+
+    directory = save_tiny(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map="cpu")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    params = GenParams(max_new_tokens=16)
+    alone = [generate_replies(model, tokenizer, [[{"role": "user", "content": q}]], params, batch_size=1)[0]
+             for q in QUESTIONS]
+    batcher = Batcher(model, tokenizer, max_batch=8)
+    got = _together(batcher, [{"input_ids": _ids(tokenizer, q), "params": params} for q in QUESTIONS], stagger_s=0)
+    assert [text for text, _, _ in got] == alone
+    assert batcher.widest > 1
