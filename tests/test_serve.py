@@ -11,7 +11,6 @@ reason when they are not installed, and failed instead where CI=true).
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import logging
 import os
@@ -268,34 +267,33 @@ def test_bad_requests_get_4xx_in_openai_error_shape(server):
 
 
 class GenerationSpy:
-    """The model, recording when each ``generate()`` runs, to see whether two ever overlap."""
+    """The model, recording each forward pass the server's batcher makes (when, and over how many
+    rows), each slowed by ``pause_s`` so that other clients' requests arrive meanwhile."""
 
-    def __init__(self, model: Any):
-        self.model = model
-        self.intervals: list[tuple[float, float]] = []
+    def __init__(self, model: Any, pause_s: float = 0.05):
+        self.model, self.pause_s = model, pause_s
+        self.forwards: list[tuple[float, int]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.monotonic()
-        time.sleep(0.05)  # long enough for every other client's request to arrive meanwhile
-        output = self.model.generate(*args, **kwargs)
-        self.intervals.append((start, time.monotonic()))
-        return output
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.pause_s)
+        self.forwards.append((time.monotonic(), kwargs["input_ids"].shape[0]))
+        return self.model(*args, **kwargs)
 
 
 def test_concurrent_clients_get_the_replies_they_would_get_alone_one_at_a_time(loaded):
     model, tokenizer = loaded
-    spy = GenerationSpy(model)
-    server = _start(Engine(spy, tokenizer, "socrates", GenParams(max_new_tokens=MAX_NEW_TOKENS)))
+    spy = GenerationSpy(model, pause_s=0.01)
+    server = _start(Engine(spy, tokenizer, "socrates", GenParams(max_new_tokens=MAX_NEW_TOKENS), max_batch=8))
     try:
         questions = [QUESTION, "正義とは何か。", "勇気とは何でしょう？", "友情について教えてください。"]
         alone = {q: ask(server, user(q))["choices"][0]["message"]["content"] for q in questions}
         assert len(set(alone.values())) > 1  # different questions, different replies: a mix-up would show
-        spy.intervals.clear()
+        spy.forwards.clear()
 
-        # Eight at once, half of them streamed: one generates, seven wait (within max_waiting).
+        # Eight at once, half of them streamed: decoded together in one batch (max_batch 8).
         jobs = [(q, stream) for q in questions for stream in (False, True)]
         barrier = threading.Barrier(len(jobs))
         results: dict[int, str | bytes] = {}
@@ -320,10 +318,10 @@ def test_concurrent_clients_get_the_replies_they_would_get_alone_one_at_a_time(l
     finally:
         _stop(server)
     assert {i: results.get(i) for i in range(len(jobs))} == {i: alone[q] for i, (q, _) in enumerate(jobs)}
-    intervals = sorted(spy.intervals)
-    assert len(intervals) == len(jobs)
-    assert max(sent) < intervals[0][1]  # the clients really were all waiting at once...
-    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(intervals))  # ...and took turns
+    rows = [size for _, size in spy.forwards]
+    assert max(rows) >= 2  # the replies really were decoded together...
+    # ...in fewer forwards than one after another (a prefill and MAX_NEW_TOKENS - 1 decodes each)
+    assert len(rows) < len(jobs) * MAX_NEW_TOKENS
 
 
 def test_a_client_hanging_up_mid_stream_frees_the_model_and_is_logged_in_one_line(server, caplog):
@@ -346,10 +344,10 @@ def test_waiting_requests_are_bounded_429_then_503(loaded):
     params = GenParams(max_new_tokens=8)
     for limits, status, kind in ((ServeLimits(max_waiting=0), 429, "rate_limit_error"),
                                  (ServeLimits(max_waiting=1, max_queue_wait_s=0.3), 503, "server_error")):
-        engine = Engine(model, tokenizer, "busy", params, limits)
+        engine = Engine(model, tokenizer, "busy", params, limits, max_batch=1)
         server = _start(engine)
         try:
-            with engine.turn():  # the model is busy with someone else's reply
+            with engine.turn():  # the batch's one row is busy with someone else's reply
                 got, _, body = chat(server, {"model": "busy", "messages": user(QUESTION)})
             assert got == status, body
             error = json.loads(body)["error"]
@@ -671,7 +669,7 @@ def test_a_body_that_trickles_in_meets_one_deadline_for_the_whole_request(small_
 
 def test_a_burst_of_50_connections_gets_200_or_429_every_one(loaded):
     model, tokenizer = loaded
-    spy = GenerationSpy(model)  # 50 ms a reply at least: the burst finds the model busy
+    spy = GenerationSpy(model)  # 50 ms a token: the burst finds the batch full
     server = _start(Engine(spy, tokenizer, "burst", GenParams(max_new_tokens=4)))
     statuses: list[int | str] = []
     barrier = threading.Barrier(50)
@@ -705,6 +703,9 @@ class BrokenModel:
         return getattr(self.model, name)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret internal detail /home/user/.cache/weights")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # the forward pass the server's batcher makes
         raise RuntimeError("secret internal detail /home/user/.cache/weights")
 
 

@@ -32,6 +32,7 @@ model/       layer 2: models (torch and transformers loaded when called)
 generation/  layer 2: replies from a model
   generate.py     reply generation (batched, streamed), sampling settings, stop strings
   whole_chars.py  decoding that never ends inside a character
+  batching.py     continuous batching: many replies decoded together, each with its own settings (serve)
 
 training/    layer 3: training
   train.py        THE recipe: train(config), read top to bottom, for every train.method (METHODS

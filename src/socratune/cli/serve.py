@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                         help="let pages from ORIGIN (e.g. https://example.com) call the API; repeatable; none by "
                              "default")
+    parser.add_argument("--max-batch", type=int, metavar="N",
+                        help="replies decoded together; as many more requests may wait, the rest get 429 "
+                        "(default: 8 on CPU, 32 on a GPU)")
     add_generation_flags(parser)  # the defaults for requests that do not name their own
 
 
@@ -44,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: serving on {args.host} with --insecure-no-auth: anyone who can reach this machine on "
                   f"port {args.port} can use the model; there is no authentication", file=sys.stderr)
     params = gen_params(args)  # the defaults for requests that name no temperature, max_tokens...
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, got {args.max_batch}", "--max-batch")
     # binds now: a busy port fails before the model loads
     server = ChatServer(args.host, args.port, api_key=api_key, cors_origins=tuple(args.cors_origin or ()))
     try:
         model, tokenizer = load_for_inference(args.run_dir, args.checkpoint, base_only=args.base)
-        engine = Engine(model, tokenizer, model_id_for(args.run_dir, args.checkpoint, args.base), params)
+        engine = Engine(model, tokenizer, model_id_for(args.run_dir, args.checkpoint, args.base), params,
+                        max_batch=args.max_batch)
         print(f"Serving {engine.model_id}: chat page {server.url}/ , OpenAI API {server.url}/v1 (Ctrl+C stops)",
               flush=True)
         server.serve(engine)

@@ -1,6 +1,7 @@
 """The generation engine behind the API: the loaded model, a request body turned into a
-``Completion`` against the schema, the limits and the model's context, and generation one
-request at a time (``Engine.hold``) in the thread that calls it."""
+``Completion`` against the schema, the limits and the model's context, and generation of up to
+``max_batch`` replies decoded together (``generation.batching.Batcher``), as many again waiting
+for a place (``Engine.hold``), the rest refused with 429."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..generation.generate import GenParams, delta_streamer, prompt_texts, whole_character_kwargs
+from ..generation.batching import Batcher, default_max_batch
+from ..generation.generate import GenParams, prompt_texts
 from .schema import (
     ApiError,
     ChatRequest,
@@ -30,11 +32,14 @@ DEFAULT_LIMITS = ServeLimits()  # frozen: one instance is every default engine's
 
 
 class Engine:
-    """The loaded model and the rules for using it: validation, one generation at a time."""
+    """The loaded model and the rules for using it: validation, up to ``max_batch`` replies decoded
+    together (``batching.Batcher``), as many again waiting, the rest refused."""
 
     def __init__(self, model: Any, tokenizer: Any, model_id: str, defaults: GenParams,
-                 limits: ServeLimits = DEFAULT_LIMITS):
-        """``defaults`` apply where a request names no temperature, top_p, max_tokens or penalty."""
+                 limits: ServeLimits = DEFAULT_LIMITS, max_batch: int | None = None):
+        """``defaults`` apply where a request names no temperature, top_p, max_tokens or penalty.
+        ``max_batch``: replies decoded together (default: 8 on CPU, 32 on a GPU); ``limits.max_waiting``
+        more may wait for a place (default: as many as ``max_batch``)."""
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.defaults, self.limits = defaults, limits
         self.context_length: int = model.config.max_position_embeddings
@@ -44,8 +49,12 @@ class Engine:
         # The fast tokenizer is shared by request threads (prompts) and the generating one
         # (streamed text); the Rust object refuses concurrent use ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
-        self._model_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(limits.max_waiting + 1)  # the generating request + the waiting
+        self.max_batch = max_batch or default_max_batch(model.device)
+        self.max_waiting = self.max_batch if limits.max_waiting is None else limits.max_waiting
+        self._places = threading.BoundedSemaphore(self.max_batch)  # rows in the batch
+        self._slots = threading.BoundedSemaphore(self.max_batch + self.max_waiting)  # the batch + the waiting
+        self._batcher = Batcher(model, tokenizer, self.max_batch, self._tokenizer_lock, self.eos_ids,
+                                limits.max_generation_s)
 
     def parse(self, body: bytes) -> Completion:
         """A request body checked against the schema, the limits and the model's context."""
@@ -93,28 +102,31 @@ class Engine:
         return Completion(input_ids, params, request.seed, request.stream, include_usage, stop)
 
     def reserve(self) -> None:
-        """A place in the queue, or a 429 at once when ``max_waiting`` requests already wait."""
+        """A place in the queue, or a 429 at once when ``max_batch`` requests generate and
+        ``max_waiting`` more already wait."""
         if not self._slots.acquire(blocking=False):
-            raise ApiError(429, f"the server is busy: {self.limits.max_waiting} requests are already waiting; "
-                           "try again shortly", None, "server_busy", "rate_limit_error")
+            raise ApiError(429, f"the server is busy: {self.max_batch} requests are generating and "
+                           f"{self.max_waiting} more are waiting; try again shortly", None, "server_busy",
+                           "rate_limit_error")
 
     def unreserve(self) -> None:
         self._slots.release()
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        """The model itself, after the requests ahead; 503 when that takes ``max_queue_wait_s``."""
-        if not self._model_lock.acquire(timeout=self.limits.max_queue_wait_s):
+        """A row in the batch, after the requests ahead; 503 when that takes ``max_queue_wait_s``.
+        A client that hangs up mid-reply gives its row back at the next token."""
+        if not self._places.acquire(timeout=self.limits.max_queue_wait_s):
             raise ApiError(503, "the server is busy: timed out waiting for the model", None, "server_busy",
                            "server_error")
         try:
             yield
         finally:
-            self._model_lock.release()
+            self._places.release()
 
     @contextmanager
     def turn(self) -> Iterator[None]:
-        """``reserve`` then ``hold``: the model for one request, from a thread that may block."""
+        """``reserve`` then ``hold``: a row in the batch for one request, from a thread that may block."""
         self.reserve()
         try:
             with self.hold():
@@ -125,32 +137,14 @@ class Engine:
     def generate(self, completion: Completion, emit: Callable[[str], None],
                  cancel: threading.Event | None = None) -> tuple[str, int]:
         """Generate the reply, handing ``emit`` each new piece of text; call inside ``hold()``.
+        It is decoded in one batch with the other requests generating (``batching``).
 
         Returns OpenAI's ``finish_reason`` ("stop" at the end-of-turn token or a stop string,
         "length" when cut by max_tokens or the time limit) and the number of generated tokens.
         Setting ``cancel`` ends generation at the next token.
         """
-        import torch
-        from transformers import StoppingCriteriaList
-
-        if completion.seed is not None:
-            torch.manual_seed(completion.seed)  # only the lock holder draws from the generator
-        input_ids = torch.tensor([completion.input_ids], device=self.model.device)
-        streamer = delta_streamer(self.tokenizer, emit, self._tokenizer_lock, completion.stop, cancel)
-        with torch.no_grad():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                **completion.params.generate_kwargs(), **whole_character_kwargs(self.tokenizer),
-                pad_token_id=self.tokenizer.pad_token_id,
-                max_time=self.limits.max_generation_s, streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([streamer.criteria]),
-            )
-        new_tokens = output[0, input_ids.shape[1]:].tolist()
-        # A finished row is padded to the batch's length: count up to the end-of-turn token.
-        ended = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
-        count = len(new_tokens) if ended is None else ended + 1
-        finish = "stop" if streamer.stopped or ended is not None else "length"
-        return finish, count
+        return self._batcher.generate(completion.input_ids, completion.params, emit, completion.seed,
+                                      completion.stop, cancel)
 
 
 def model_id_for(run_dir: str | Path, checkpoint: str | None = None, base_only: bool = False) -> str:

@@ -26,7 +26,7 @@ class ServeLimits:
     max_json_depth: int = 16  # the deepest valid request is 5 levels (body, messages, message, content, part)
     max_tokens: int = 1024  # ceiling for max_tokens; the model's context may leave fewer
     max_generation_s: float = 120.0  # a reply is cut there (finish_reason "length")
-    max_waiting: int = 8  # requests waiting behind the one generating; more get 429
+    max_waiting: int | None = None  # requests waiting behind the max_batch generating (None: max_batch); more get 429
     max_queue_wait_s: float = 300.0  # a waiting request gives up (503) after this long
     request_deadline_s: float = 30.0  # the whole body must have arrived by then (408), however it trickles
     socket_timeout_s: float = 30.0  # an idle keep-alive connection is closed
