@@ -154,18 +154,8 @@ def test_the_core_imports_no_torch_or_transformers_at_module_level():
     assert {p.name: heavy_at_module_level(p) for p in (PACKAGE / "core").glob("*.py") if heavy_at_module_level(p)} == {}
 
 
-# Temporary: style-v3's per-axis modules name StyleScorer in type hints (under TYPE_CHECKING) while
-# scorer.py imports them: cycles for the type checker only, not at run time. The style owner ends
-# them (a Protocol for what the measurements read of the scorer, say); delete these edges then.
-ALLOWED_TYPE_ONLY_EDGES = {(f"socratune.style.{module}", "socratune.style.scorer")
-                           for module in ("approach", "format", "logic", "morphology", "tone")}
-
-
 def test_no_import_cycle_between_the_package_modules():
-    graph = package_imports(PACKAGE)
-    for name, target in ALLOWED_TYPE_ONLY_EDGES:
-        graph[name].discard(target)
-    assert find_cycle(graph) is None
+    assert find_cycle(package_imports(PACKAGE)) is None
 
 
 def test_no_module_over_500_lines_and_no_function_over_80():

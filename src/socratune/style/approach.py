@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .morphology import Morph, Rule, Sentence, best_ending, capped, content_words, find_rules, match_at, own_words
-
-if TYPE_CHECKING:
-    from .scorer import StyleScorer
+from .morphology import (
+    Morph,
+    Rule,
+    Scorer,
+    Sentence,
+    best_ending,
+    capped,
+    content_words,
+    find_rules,
+    match_at,
+    own_words,
+)
 
 _REQUEST_REACH = 4  # morphemes before a request searched for its verb: 考え|て|み|て + ほしい
 
 
-def asking(scorer: StyleScorer, sentences: list[Sentence]) -> tuple[list[bool], list[list[Rule]]]:
+def asking(scorer: Scorer, sentences: list[Sentence]) -> tuple[list[bool], list[list[Rule]]]:
     """Which sentences ask a question, and the suggestion markers found in each: a
     suggestion put as a question (〜てはいかがでしょうか？) gives advice, it does not ask."""
     marks = scorer.profile.approach.question_marks
@@ -23,7 +29,7 @@ def asking(scorer: StyleScorer, sentences: list[Sentence]) -> tuple[list[bool], 
     return asks, suggested
 
 
-def _requests_telling(scorer: StyleScorer, morphs: list[Morph]) -> bool:
+def _requests_telling(scorer: Scorer, morphs: list[Morph]) -> bool:
     """Whether the words hold a request that the user tell or think (説明してくれ): a request
     ending with a verb of telling or thinking at most _REQUEST_REACH morphemes before it
     (考え|て|み|て|ほしい, 聞か|せ|て|ほしい, 説明|し|て|くれ)."""
@@ -32,7 +38,7 @@ def _requests_telling(scorer: StyleScorer, morphs: list[Morph]) -> bool:
                for _, _, specs in scorer._requests for i in range(len(morphs)))
 
 
-def approach_features(scorer: StyleScorer, sentences: list[Sentence], asks: list[bool],
+def approach_features(scorer: Scorer, sentences: list[Sentence], asks: list[bool],
                       suggested: list[list[Rule]], notes: list[str]) -> dict[str, float]:
     rules = scorer.profile.approach
     requests = [_requests_telling(scorer, own_words(s.morphs)) for s in sentences]

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
-from .morphology import capped, tokenizer
-
-if TYPE_CHECKING:
-    from .scorer import StyleScorer
-
+from .morphology import Scorer, capped, tokenizer
 
 _HTML = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>|&(?:[A-Za-z]+|#\d+);")
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D\u20E3]+")
@@ -147,7 +142,7 @@ _ENGLISH_IN_SENTENCE = re.compile(
 _BRACES = re.compile("[{}｛｝]+")
 
 
-def _breakers(scorer: StyleScorer, body: str) -> tuple[dict[str, list[str]], str]:
+def _breakers(scorer: Scorer, body: str) -> tuple[dict[str, list[str]], str]:
     """Special tokens, markup, U+FFFD, emoji and other languages found in ``body``, and the
     text that is left once they are taken out (for the symbol and spacing checks)."""
     found: dict[str, list[str]] = {"special_token": scorer._special.findall(body)}
@@ -214,7 +209,7 @@ def _analysed(clean: str) -> str:
     return _SPACES.sub(" ", analysed).strip()
 
 
-def format_features(scorer: StyleScorer, text: str, notes: list[str]) -> tuple[dict[str, float], str]:
+def format_features(scorer: Scorer, text: str, notes: list[str]) -> tuple[dict[str, float], str]:
     """Format features and the text to analyse: unwrapped, without special tokens and markup."""
     body, kinds = unwrap_kinds(text)
     if "quotes" in kinds:

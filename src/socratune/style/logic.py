@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from difflib import SequenceMatcher
-from typing import TYPE_CHECKING
 
 from .format import core_text
 from .grammar import broken_grammar
-from .morphology import SKIP, Sentence, capped, content_words, split_sentences
+from .morphology import SKIP, Scorer, Sentence, capped, content_words, split_sentences
 
-if TYPE_CHECKING:
-    from .scorer import StyleScorer
 
-def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, prompt: str | None,
+def logic_features(scorer: Scorer, sentences: list[Sentence], clean: str, prompt: str | None,
                    garbled: tuple[int, str], notes: list[str]) -> dict[str, float]:
     morphs = [m for s in sentences for m in s.morphs if m.pos[0] not in SKIP]
     f = dict.fromkeys(("unknown_words", "garbled", "broken_grammar", "repetition", "stutter", "fragment",
@@ -77,7 +74,7 @@ def logic_features(scorer: StyleScorer, sentences: list[Sentence], clean: str, p
     return f
 
 
-def _fit_to_prompt(scorer: StyleScorer, sentences: list[Sentence], clean: str, prompt: str, f: dict[str, float],
+def _fit_to_prompt(scorer: Scorer, sentences: list[Sentence], clean: str, prompt: str, f: dict[str, float],
                    notes: list[str]) -> None:
     """How the reply fits the user's message: an echo of it, how many of its content words are
     taken up (off_topic), and what share of the reply's own content words are the prompt's

@@ -7,18 +7,16 @@ tags tell auxiliaries and final particles from look-alikes. Layer 0: no torch or
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from sudachipy import Dictionary, SplitMode
 
-from .profile import Marker
-
-if TYPE_CHECKING:
-    from .scorer import StyleScorer
+from .profile import Marker, StyleProfile
 
 
 def capped(count: float, full_at: float) -> float:
@@ -37,6 +35,27 @@ class Morph(NamedTuple):
 
 Spec = tuple[str | None, str | None, tuple[str, ...], str | None]  # form, surface, pos prefix, conj
 Rule = tuple[str, float, tuple[Spec, ...]]  # marker name, weight, specs
+
+
+class Scorer(Protocol):
+    """What the per-axis measurements read from a ``scorer.StyleScorer``: its profile and the
+    profile's markers compiled once. A Protocol, so the axis modules need not import the scorer
+    that imports them."""
+
+    profile: StyleProfile
+    _endings: list[Rule]
+    _polite: list[Rule]
+    _address: list[Rule]
+    _questions: list[Rule]
+    _invites: list[Rule]
+    _lecturing: list[Rule]
+    _requests: list[Rule]
+    _request_verbs: frozenset[str]
+    _answers: list[Rule]
+    _suggestions: list[Rule]
+    _special: re.Pattern[str]
+    _content_pos: list[tuple[str, ...]]
+    _stop: frozenset[str]
 
 
 def compile_markers(markers: list[Marker]) -> list[Rule]:
@@ -129,6 +148,6 @@ def split_sentences(text: str) -> list[Sentence]:
     return out
 
 
-def content_words(scorer: StyleScorer, sentences: list[Sentence]) -> list[str]:
+def content_words(scorer: Scorer, sentences: list[Sentence]) -> list[str]:
     return [m.norm for s in sentences for m in s.morphs
             if any(m.pos[:len(p)] == p for p in scorer._content_pos) and m.norm not in scorer._stop]

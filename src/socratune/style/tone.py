@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .morphology import Sentence, best_ending, capped, content_words, find_rules, own_words
-
-if TYPE_CHECKING:
-    from .scorer import StyleScorer
-
+from .morphology import Scorer, Sentence, best_ending, capped, content_words, find_rules, own_words
 
 _OPENER_CHARS = 6  # at most this long, asking nothing and naming nothing: an opener
 _BARE_QUESTION_WORDS = 3  # そう|な|の？ / ああ、そう|か。 ask nothing; 君|は|どう|思う？ does
 
 
-def _opener(scorer: StyleScorer, sentence: Sentence, asks: bool) -> bool:
+def _opener(scorer: Scorer, sentence: Sentence, asks: bool) -> bool:
     return not asks and len(sentence.text) <= _OPENER_CHARS and not content_words(scorer, [sentence])
 
 
-def tone_features(scorer: StyleScorer, sentences: list[Sentence], asks: list[bool], degenerate: float,
+def tone_features(scorer: Scorer, sentences: list[Sentence], asks: list[bool], degenerate: float,
                   notes: list[str]) -> dict[str, float]:
     """Tone features in [0, 1]; ``degenerate`` (how far the text is not language) discounts the
     credit of in-character questions: word salad ending in 〜かね？ is not Socrates asking."""
