@@ -374,14 +374,15 @@ def _env() -> dict[str, str]:
 class Served:
     """``socratune serve RUN`` in a subprocess on a fixed loopback port (so it can be restarted)."""
 
-    def __init__(self, run: Path, port: int):
+    def __init__(self, run: Path, port: int, extra: tuple[str, ...] = ()):
         self.run, self.port, self.url = run, port, f"http://127.0.0.1:{port}/v1"
+        self.extra = extra  # more `socratune serve` flags
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Served:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "socratune", "serve", str(self.run), "--port", str(self.port),
-             "--max-new-tokens", "24"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--max-new-tokens", "24", *self.extra], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
@@ -410,8 +411,8 @@ def one_server(default_run):
 def served(default_run):
     servers = []
 
-    def start(port: int | None = None) -> Served:
-        servers.append(Served(default_run, port or _free_port()).start())
+    def start(port: int | None = None, extra: tuple[str, ...] = ()) -> Served:
+        servers.append(Served(default_run, port or _free_port(), extra).start())
         return servers[-1]
 
     yield start
@@ -467,12 +468,12 @@ def test_serve_killed_mid_run_then_restarted_resumes_to_the_full_count(served, t
 
 
 @pytest.mark.slow
-def test_429s_from_the_servers_queue_limit_are_retried(one_server, tmp_path):
-    server = one_server
+def test_429s_from_the_servers_queue_limit_are_retried(served, tmp_path):
+    server = served(extra=("--max-batch", "2"))
     model = json.loads(urllib.request.urlopen(f"{server.url}/models", timeout=10).read())["data"][0]["id"]
     student = ChatClient(server.url, model, key_variables=(), timeout=120, max_retries=10, concurrency=16)
     out = tmp_path / "burst.jsonl"
-    # 16 dialogues at once against one generating + 8 waiting requests: the rest get 429 and retry.
+    # 16 dialogues at once against 2 generating + 2 waiting requests: the rest get 429 and retry.
     summary = synth(request(out, dialogues=16, turns=1, concurrency=16), student, student)
     assert summary["done"] == 16 and summary["usage"]["requests"] == 16
     assert summary["usage"]["attempts"] > 16  # some were answered 429 first
